@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command: set-up (idempotent), lint, then the whole pytest suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+bash scripts/setup.sh
+
+# Compiled DeepSpeed ops are cached beside the venv, so a second run does not rebuild them.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO_ROOT/.venv/torch_extensions}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+echo "[test] ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
+echo "[test] pytest"
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+if [[ $status -eq 5 ]]; then
+    echo "[test] ERROR: pytest collected no tests" >&2
+    exit 1
+fi
+exit $status

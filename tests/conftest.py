@@ -1,0 +1,59 @@
+"""Shared pytest fixtures: where ../shared lives, the vocabulary, and tiny checkpoints built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shared_dir() -> Path:
+    return Path(os.environ.get("QWEN_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared (real data, vocabulary). In CI its absence is a failure, elsewhere a visible skip."""
+    path = _shared_dir()
+    if not (path / "data").is_dir():
+        message = f"shared data directory not found at {path} (set QWEN_SHARED_DIR to point at it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def vocab_file() -> Path:
+    from qwen_model.tiny import default_vocab_file
+
+    return Path(default_vocab_file())
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init tiny Qwen chat checkpoint in the official layout (built once per session)."""
+    from qwen_model.tiny import build_tiny_checkpoint
+
+    return Path(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-chat"), size="tiny", base=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base-model variant: no ChatML knowledge, for trainable-embedding logic."""
+    from qwen_model.tiny import build_tiny_checkpoint
+
+    return Path(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-base"), size="tiny", base=True))
