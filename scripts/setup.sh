@@ -57,6 +57,7 @@ fetch_vocab() {
     if vocab_is_valid; then
         return
     fi
+    mkdir -p "$(dirname "$VOCAB")"
     if [[ -f "$SHARED_DIR/qwen.tiktoken" ]]; then
         log "vocabulary: copying $SHARED_DIR/qwen.tiktoken"
         cp "$SHARED_DIR/qwen.tiktoken" "$VOCAB.tmp"
