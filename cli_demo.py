@@ -1,0 +1,8 @@
+"""Chat with a Qwen checkpoint in the terminal: `python cli_demo.py -c DIR` (see docs/after_training.md)."""
+
+import sys
+
+from qwen_finetune.chat_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Merge a LoRA adapter into its base model: `python merge_lora.py --adapter_dir A --output_dir OUT`."""
+
+import sys
+
+from qwen_finetune.merge import main
+
+if __name__ == "__main__":
+    sys.exit(main())
