@@ -3,7 +3,8 @@
 #   LoRA (finetune/finetune_lora_single_gpu.sh) -> merge_lora.py -> run_gptq.py (Int4)
 #   -> Q-LoRA on the Int4 model (finetune/finetune_qlora_single_gpu.sh) -> cli_demo.py on each result.
 # CPU is enough (a few minutes). The model is random, so the replies are gibberish: the point is
-# that every step runs and every artifact loads. Usage: bash scripts/demo_chain.sh [WORK_DIR]
+# that every step runs and every artifact loads. Usage: bash scripts/demo_chain.sh [WORK_DIR] [BASE_MODEL_DIR]
+# With BASE_MODEL_DIR (e.g. the model scripts/demo.sh fine-tuned) the chain starts from it instead.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,11 +26,16 @@ step() { printf '\n==== %s\n' "$*"; }
 mkdir -p "$WORK"
 echo "working directory: $WORK"
 
-step "1/6 a tiny random Qwen chat model"
-"$PYTHON" -m qwen_model.tiny --out "$WORK/tiny"
+BASE="${2:-$WORK/tiny}"
+if [[ -n "${2:-}" ]]; then
+    step "1/6 starting from $BASE"
+else
+    step "1/6 a tiny random Qwen chat model"
+    "$PYTHON" -m qwen_model.tiny --out "$BASE"
+fi
 
 step "2/6 LoRA fine-tuning"
-bash finetune/finetune_lora_single_gpu.sh -m "$WORK/tiny" -d "$DATA" \
+bash finetune/finetune_lora_single_gpu.sh -m "$BASE" -d "$DATA" \
     --output_dir "$WORK/lora" --bf16 False "${QUICK[@]}"
 
 step "3/6 merge the adapter into the base (checks the merged logits)"
