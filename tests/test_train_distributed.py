@@ -1,0 +1,249 @@
+"""Multi-process training on CPU: DeepSpeed ZeRO-2 / ZeRO-3 with 2 processes (torchrun), Q-LoRA with
+and without DeepSpeed on 1 and 2 processes (1 process: DeepSpeed without a launcher, rank via
+mpi4py), two simulated nodes, and kill-and-resume under ZeRO-2. Several runs go through the launch
+scripts in finetune/. Every run ends with an evaluation on the training data after its last step;
+the saved artifact, reloaded here, must give that same loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import train_helpers as helpers
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = 4
+LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2}
+METHOD_FLAGS = {"full": [], "lora": ["--use_lora"], "qlora": ["--use_lora", "--q_lora"]}
+SCRIPTS = helpers.REPO_ROOT / "finetune"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("train-distributed")
+
+
+@pytest.fixture(scope="module")
+def data_file(workdir: Path) -> Path:
+    return helpers.write_memorisable_data(workdir / "facts.json")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_chat_checkpoint: Path, tiny_base_checkpoint: Path) -> dict[str, Path]:
+    return {"chat": tiny_chat_checkpoint, "base": tiny_base_checkpoint}
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq_checkpoint(
+    tiny_chat_checkpoint: Path, data_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    return helpers.tiny_gptq_checkpoint(tiny_chat_checkpoint, tmp_path_factory.getbasetemp(), data_file)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_chat_checkpoint: Path, data_file: Path, workdir: Path):
+    return helpers.encoded_batch(tiny_chat_checkpoint, data_file, workdir / "data-cache")
+
+
+@pytest.fixture(scope="module")
+def base_loss(batch):
+    cache: dict[Path, float] = {}
+
+    def get(checkpoint: Path) -> float:
+        if checkpoint not in cache:
+            cache[checkpoint] = helpers.mean_supervised_loss(helpers.load_artifact(checkpoint), batch)
+        return cache[checkpoint]
+
+    return get
+
+
+def flags(
+    method: str, model: Path, data: Path, output: Path, workdir: Path, processes: int, extra=()
+) -> list[str]:
+    return helpers.training_flags(
+        model,
+        data,
+        output,
+        steps=STEPS,
+        learning_rate=LEARNING_RATE[method],
+        processes=processes,
+        cache_dir=workdir / "data-cache",
+        extra=[*METHOD_FLAGS[method], *extra],
+    )
+
+
+def deepspeed_flags(zero: int | None) -> list[str]:
+    return [] if zero is None else ["--deepspeed", str(helpers.DS_ZERO2 if zero == 2 else helpers.DS_ZERO3)]
+
+
+def torchrun_finetune(argv: list[str], processes: int = 2, script: Path = helpers.FINETUNE_PY) -> str:
+    return helpers.run(helpers.torchrun(processes, script, argv, port=helpers.free_port()))
+
+
+def launch_script(name: str, model: Path, data: Path, argv: list[str], **env: str) -> str:
+    """Run a finetune/*.sh script; `argv` are extra finetune.py flags (they override the script's)."""
+    env.setdefault("MASTER_PORT", str(helpers.free_port()))
+    command = ["bash", str(SCRIPTS / name), "-m", str(model), "-d", str(data), *argv]
+    return helpers.run(command, env=helpers.subprocess_env(**env))
+
+
+def check_run(output: Path, base: float, batch, *, adapter: bool, processes: int, embeddings: bool) -> dict:
+    helpers.assert_artifacts(output, adapter=adapter)
+    helpers.assert_loss_fell(output, base)
+    helpers.assert_reload_reproduces(output, batch)
+    summary = helpers.summary(output)
+    assert summary["processes"] == processes
+    assert summary["global_steps"] == STEPS
+    assert summary["train_embeddings"] == embeddings
+    # the processes formed one data-parallel group (not independent trainings): each step consumed
+    # 2 samples per process, and the token counts are summed over processes
+    epochs = [entry["epoch"] for entry in helpers.log_history(output) if "loss" in entry]
+    assert epochs[-1] == pytest.approx(STEPS * 2 * processes / helpers.DATA_SIZE)
+    assert summary["tokens_seen"] > STEPS * 2 * processes * 20
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- ZeRO-2
+
+
+@pytest.mark.parametrize("kind", ["chat", "base"])
+def test_full_zero2_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss):
+    output = workdir / f"full-{kind}-zero2"
+    argv = flags("full", checkpoints[kind], data_file, output, workdir, 2, deepspeed_flags(2))
+    if kind == "chat":
+        torchrun_finetune(argv)
+    else:  # the ZeRO-3 full script with the ZeRO-2 config
+        launch_script("finetune_ds.sh", checkpoints[kind], data_file, argv, NPROC_PER_NODE="2")
+    check_run(output, base_loss(checkpoints[kind]), batch, adapter=False, processes=2, embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def lora_chat_zero2(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
+    """LoRA, chat model, ZeRO-2, 2 processes: a matrix cell and the reference of the resume test."""
+    output = workdir / "lora-chat-zero2"
+    argv = flags("lora", checkpoints["chat"], data_file, output, workdir, 2, deepspeed_flags(2))
+    torchrun_finetune(argv)
+    return output, argv
+
+
+def test_lora_zero2_two_processes_chat(lora_chat_zero2, checkpoints, batch, base_loss):
+    output, _ = lora_chat_zero2
+    check_run(output, base_loss(checkpoints["chat"]), batch, adapter=True, processes=2, embeddings=False)
+
+
+def test_lora_zero2_base_on_two_nodes(checkpoints, data_file, workdir, batch, base_loss):
+    """Two 'nodes' of one process each on this machine, through the launch script, with the env
+    variables of a real multinode run; LoRA on the base model trains the embeddings (auto)."""
+    output = workdir / "lora-base-zero2-2nodes"
+    argv = flags("lora", checkpoints["base"], data_file, output, workdir, 2)
+    port = str(helpers.free_port())
+    nodes = []
+    for rank in (0, 1):
+        env = helpers.subprocess_env(
+            NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+        )
+        env["NPROC_PER_NODE"] = "1"
+        command = [
+            "bash",
+            str(SCRIPTS / "finetune_lora_ds.sh"),
+            "-m",
+            str(checkpoints["base"]),
+            "-d",
+            str(data_file),
+        ]
+        nodes.append(
+            subprocess.Popen(
+                [*command, *argv],
+                cwd=helpers.REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for rank, (node, log) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank} failed:\n{log[-5000:]}"
+    assert "--nnodes 2 --node_rank 1" in outputs[1]
+    summary = check_run(
+        output, base_loss(checkpoints["base"]), batch, adapter=True, processes=2, embeddings=True
+    )
+    assert "raw" in summary["train_embeddings_reason"]
+
+
+# ------------------------------------------------------------------------------------------- ZeRO-3
+
+
+@pytest.mark.parametrize("kind", ["chat", "base"])
+def test_full_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss):
+    output = workdir / f"full-{kind}-zero3"
+    argv = flags("full", checkpoints[kind], data_file, output, workdir, 2, ["--max_shard_size", "30MB"])
+    if kind == "chat":  # the script's own default: ZeRO-3
+        launch_script("finetune_ds.sh", checkpoints[kind], data_file, argv, NPROC_PER_NODE="2")
+    else:
+        torchrun_finetune([*argv, *deepspeed_flags(3)])
+    check_run(output, base_loss(checkpoints[kind]), batch, adapter=False, processes=2, embeddings=True)
+    # consolidated from both processes into one set of shards (wte and lm_head are ~39 MB each)
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} <= set(index["weight_map"])
+    assert len(set(index["weight_map"].values())) >= 2
+
+
+@pytest.mark.parametrize("kind", ["chat", "base"])
+def test_lora_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss):
+    """kind=base: LoRA with trainable wte/lm_head under ZeRO-3 (the original refused this)."""
+    output = workdir / f"lora-{kind}-zero3"
+    torchrun_finetune(flags("lora", checkpoints[kind], data_file, output, workdir, 2, deepspeed_flags(3)))
+    check_run(
+        output, base_loss(checkpoints[kind]), batch, adapter=True, processes=2, embeddings=kind == "base"
+    )
+
+
+# ------------------------------------------------------------------------------------------- Q-LoRA
+
+
+def test_qlora_zero2_one_process_without_launcher(tiny_gptq_checkpoint, data_file, workdir, batch, base_loss):
+    """finetune_qlora_single_gpu.sh: DeepSpeed in a plain `python finetune.py` process (mpi4py)."""
+    output = workdir / "qlora-zero2-1proc"
+    argv = flags("qlora", tiny_gptq_checkpoint, data_file, output, workdir, 1)
+    log = launch_script("finetune_qlora_single_gpu.sh", tiny_gptq_checkpoint, data_file, argv)
+    assert "torch_adam" in log  # DeepSpeed ran (CPU optimizer note)
+    check_run(output, base_loss(tiny_gptq_checkpoint), batch, adapter=True, processes=1, embeddings=False)
+
+
+def test_qlora_two_processes_without_deepspeed(tiny_gptq_checkpoint, data_file, workdir, batch, base_loss):
+    output = workdir / "qlora-ddp"
+    torchrun_finetune(flags("qlora", tiny_gptq_checkpoint, data_file, output, workdir, 2))
+    check_run(output, base_loss(tiny_gptq_checkpoint), batch, adapter=True, processes=2, embeddings=False)
+
+
+def test_qlora_zero2_two_processes(tiny_gptq_checkpoint, data_file, workdir, batch, base_loss):
+    output = workdir / "qlora-zero2"
+    argv = flags("qlora", tiny_gptq_checkpoint, data_file, output, workdir, 2)
+    launch_script("finetune_qlora_ds.sh", tiny_gptq_checkpoint, data_file, argv, NPROC_PER_NODE="2")
+    check_run(output, base_loss(tiny_gptq_checkpoint), batch, adapter=True, processes=2, embeddings=False)
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+def test_lora_zero2_kill_and_resume(lora_chat_zero2, workdir, batch):
+    reference, argv = lora_chat_zero2
+    output = workdir / "lora-chat-zero2-killed"
+    argv = [str(output) if item == str(reference) else item for item in argv]
+    argv += ["--save_strategy", "steps", "--save_steps", "2"]
+    runner = helpers.write_kill_runner(workdir)
+    command = helpers.torchrun(2, runner, argv, port=helpers.free_port())
+    helpers.run_killed(command, env=helpers.subprocess_env(KILL_AT_STEP="3"))
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert list((output / "checkpoint-2").glob("global_step*")), "no DeepSpeed state in the checkpoint"
+
+    torchrun_finetune([*argv, "--resume_from_checkpoint", str(output / "checkpoint-2")])
+    resumed, uninterrupted = helpers.loss_curve(output), helpers.loss_curve(reference)
+    assert len(resumed) == len(uninterrupted) == STEPS
+    assert resumed == pytest.approx(uninterrupted, rel=1e-4), (resumed, uninterrupted)
+    assert helpers.final_eval_loss(output) == pytest.approx(helpers.final_eval_loss(reference), rel=1e-4)
+    helpers.assert_reload_reproduces(output, batch)
