@@ -1,8 +1,8 @@
 """Multi-process training on CPU: DeepSpeed ZeRO-2 / ZeRO-3 with 2 processes (torchrun), Q-LoRA with
 and without DeepSpeed on 1 and 2 processes (1 process: DeepSpeed without a launcher, rank via
-mpi4py), two simulated nodes, and kill-and-resume under ZeRO-2. Several runs go through the launch
-scripts in finetune/. Every run ends with an evaluation on the training data after its last step;
-the saved artifact, reloaded here, must give that same loss."""
+mpi4py), two simulated nodes, and kill-and-resume under ZeRO-2 (LoRA) and ZeRO-3 (full). Several
+runs go through the launch scripts in finetune/. Every run ends with an evaluation on the training
+data after its last step; the saved artifact, reloaded here, must give that same loss."""
 
 from __future__ import annotations
 
@@ -177,14 +177,24 @@ def test_lora_zero2_base_on_two_nodes(checkpoints, data_file, workdir, batch, ba
 # ------------------------------------------------------------------------------------------- ZeRO-3
 
 
+@pytest.fixture(scope="module")
+def full_base_zero3(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
+    """Full, base model, ZeRO-3, 2 processes: a matrix cell and the reference of the resume test."""
+    output = workdir / "full-base-zero3"
+    extra = ["--max_shard_size", "30MB", *deepspeed_flags(3)]
+    argv = flags("full", checkpoints["base"], data_file, output, workdir, 2, extra)
+    torchrun_finetune(argv)
+    return output, argv
+
+
 @pytest.mark.parametrize("kind", ["chat", "base"])
-def test_full_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss):
-    output = workdir / f"full-{kind}-zero3"
-    argv = flags("full", checkpoints[kind], data_file, output, workdir, 2, ["--max_shard_size", "30MB"])
+def test_full_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss, request):
     if kind == "chat":  # the script's own default: ZeRO-3
+        output = workdir / f"full-{kind}-zero3"
+        argv = flags("full", checkpoints[kind], data_file, output, workdir, 2, ["--max_shard_size", "30MB"])
         launch_script("finetune_ds.sh", checkpoints[kind], data_file, argv, NPROC_PER_NODE="2")
     else:
-        torchrun_finetune([*argv, *deepspeed_flags(3)])
+        output, _ = request.getfixturevalue("full_base_zero3")
     check_run(output, base_loss(checkpoints[kind]), batch, adapter=False, processes=2, embeddings=True)
     # consolidated from both processes into one set of shards (wte and lm_head are ~39 MB each)
     index = json.loads((output / "model.safetensors.index.json").read_text())
@@ -230,9 +240,9 @@ def test_qlora_zero2_two_processes(tiny_gptq_checkpoint, data_file, workdir, bat
 # ------------------------------------------------------------------------------------------- resume
 
 
-def test_lora_zero2_kill_and_resume(lora_chat_zero2, workdir, batch):
-    reference, argv = lora_chat_zero2
-    output = workdir / "lora-chat-zero2-killed"
+def kill_and_resume(reference: Path, argv: list[str], output: Path, workdir: Path) -> None:
+    """Rerun `argv` (the reference run's flags) into `output`, SIGKILL both processes at step 3,
+    resume from checkpoint-2: the loss curve and final eval loss are the uninterrupted run's."""
     argv = [str(output) if item == str(reference) else item for item in argv]
     argv += ["--save_strategy", "steps", "--save_steps", "2"]
     runner = helpers.write_kill_runner(workdir)
@@ -246,4 +256,17 @@ def test_lora_zero2_kill_and_resume(lora_chat_zero2, workdir, batch):
     assert len(resumed) == len(uninterrupted) == STEPS
     assert resumed == pytest.approx(uninterrupted, rel=1e-4), (resumed, uninterrupted)
     assert helpers.final_eval_loss(output) == pytest.approx(helpers.final_eval_loss(reference), rel=1e-4)
+
+
+def test_lora_zero2_kill_and_resume(lora_chat_zero2, workdir, batch):
+    reference, argv = lora_chat_zero2
+    output = workdir / "lora-chat-zero2-killed"
+    kill_and_resume(reference, argv, output, workdir)
+    helpers.assert_reload_reproduces(output, batch)
+
+
+def test_full_zero3_kill_and_resume(full_base_zero3, workdir, batch):
+    reference, argv = full_base_zero3
+    output = workdir / "full-base-zero3-killed"
+    kill_and_resume(reference, argv, output, workdir)
     helpers.assert_reload_reproduces(output, batch)

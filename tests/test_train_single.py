@@ -16,8 +16,13 @@ from qwen_finetune.train import TrainingRun, train
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2}
-METHOD_FLAGS = {"full": [], "lora": ["--use_lora"], "qlora": ["--use_lora", "--q_lora"]}
+LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2, "nf4": 1e-2}
+METHOD_FLAGS = {
+    "full": [],
+    "lora": ["--use_lora"],
+    "qlora": ["--use_lora", "--q_lora"],
+    "nf4": ["--use_lora", "--q_lora", "--q_lora_backend", "nf4"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +78,30 @@ def train_in_process(argv: list[str]) -> TrainingRun:
     return train(*parse_args(argv))
 
 
+def nf4_quantization():
+    """The quantization an NF4 adapter was trained on, to reload its base the same way."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
 @pytest.fixture(scope="module")
-def runs(checkpoints: dict[str, Path], data_file: Path, workdir: Path):
+def models(checkpoints: dict[str, Path], request: pytest.FixtureRequest):
+    """Checkpoint by kind: chat, base, or gptq (the int4 one, quantized only when first asked for)."""
+
+    def get(kind: str) -> Path:
+        return request.getfixturevalue("tiny_gptq_checkpoint") if kind == "gptq" else checkpoints[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def runs(models, data_file: Path, workdir: Path):
     """Uninterrupted reference runs, trained once per module and shared by the tests below."""
     done: dict[tuple[str, str], tuple[TrainingRun, Path]] = {}
 
@@ -82,7 +109,7 @@ def runs(checkpoints: dict[str, Path], data_file: Path, workdir: Path):
         if (method, kind) not in done:
             output = workdir / f"{method}-{kind}"
             done[method, kind] = (
-                train_in_process(flags(method, checkpoints[kind], data_file, output, workdir)),
+                train_in_process(flags(method, models(kind), data_file, output, workdir)),
                 output,
             )
         return done[method, kind]
@@ -138,10 +165,9 @@ def test_base_model_lora_trains_and_saves_embeddings(runs, checkpoints):
     assert json.loads((checkpoints["base"] / "generation_config.json").read_text())["chat_format"] == "raw"
 
 
-def test_qlora_gptq_one_process(tiny_gptq_checkpoint, data_file, workdir, batch):
-    output = workdir / "qlora-gptq"
+def test_qlora_gptq_one_process(runs, tiny_gptq_checkpoint, batch):
+    run, output = runs("qlora", "gptq")
     base = helpers.mean_supervised_loss(helpers.load_artifact(tiny_gptq_checkpoint), batch)
-    run = train_in_process(flags("qlora", tiny_gptq_checkpoint, data_file, output, workdir))
     assert run.plan.quantization == "gptq"
     helpers.assert_artifacts(output, adapter=True)
     helpers.assert_loss_fell(output, base)
@@ -149,32 +175,31 @@ def test_qlora_gptq_one_process(tiny_gptq_checkpoint, data_file, workdir, batch)
     helpers.assert_reload_reproduces(output, batch)
 
 
-def test_qlora_nf4(tiny_chat_checkpoint, data_file, workdir, batch):
-    from transformers import BitsAndBytesConfig
-
-    output = workdir / "qlora-nf4"
-    run = train_in_process(
-        flags("qlora", tiny_chat_checkpoint, data_file, output, workdir, ["--q_lora_backend", "nf4"])
-    )
+def test_qlora_nf4(runs, tiny_chat_checkpoint, batch):
+    run, output = runs("nf4", "chat")
     assert run.plan.quantization == "nf4"
     helpers.assert_artifacts(output, adapter=True)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_use_double_quant=True,
-    )
+    quantization = nf4_quantization()
     base = helpers.load_artifact(tiny_chat_checkpoint, quantization_config=quantization, device_map="cpu")
     helpers.assert_loss_fell(output, helpers.mean_supervised_loss(base, batch))
     # the adapter was trained on the NF4-quantized base: reload it on the same quantization
     assert_same_logits(run.trainer.model, output, batch, quantization_config=quantization, device_map="cpu")
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_kill_and_resume(runs, checkpoints, method, data_file, workdir, batch):
-    reference_run, reference = runs(method, "chat")
-    output = workdir / f"{method}-killed"
-    argv = flags(method, checkpoints["chat"], data_file, output, workdir)
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        ("full", "chat"),
+        ("lora", "chat"),
+        ("lora", "base"),  # auto: trainable wte/lm_head (modules_to_save)
+        ("qlora", "gptq"),
+        ("nf4", "chat"),
+    ],
+)
+def test_kill_and_resume(runs, models, method, kind, data_file, workdir, batch):
+    reference_run, reference = runs(method, kind)
+    output = workdir / f"{method}-{kind}-killed"
+    argv = flags(method, models(kind), data_file, output, workdir)
     argv += ["--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1"]
     runner = helpers.write_kill_runner(workdir)
     helpers.run_killed([helpers.PYTHON, str(runner), *argv], env=helpers.subprocess_env(KILL_AT_STEP="5"))
@@ -184,12 +209,14 @@ def test_kill_and_resume(runs, checkpoints, method, data_file, workdir, batch):
     )  # save_total_limit 1 rotated checkpoint-2 out
     assert not (output / "train_summary.json").exists()
 
-    train_in_process([*argv, "--resume_from_checkpoint", "latest"])
+    resumed_run = train_in_process([*argv, "--resume_from_checkpoint", "latest"])
+    assert resumed_run.plan.train_embeddings == (method == "full" or kind == "base")
     resumed, uninterrupted = helpers.loss_curve(output), helpers.loss_curve(reference)
     assert len(resumed) == len(uninterrupted) == STEPS
     assert resumed == pytest.approx(uninterrupted, rel=1e-4), (resumed, uninterrupted)
     assert helpers.final_eval_loss(output) == pytest.approx(helpers.final_eval_loss(reference), rel=1e-4)
-    assert_same_logits(reference_run.trainer.model, output, batch)
+    reload = {"quantization_config": nf4_quantization(), "device_map": "cpu"} if method == "nf4" else {}
+    assert_same_logits(reference_run.trainer.model, output, batch, **reload)
 
 
 def test_tensorboard_and_overwrite_guard(tiny_chat_checkpoint, data_file, workdir):
