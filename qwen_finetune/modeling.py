@@ -372,7 +372,10 @@ def load_model(
     """The model to hand to the Trainer: a PreTrainedModel (full) or a PeftModel (LoRA, Q-LoRA)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": plan.dtype}
+    kwargs: dict[str, Any] = {
+        "dtype": plan.dtype,
+        "attn_implementation": attention_backend(plan, training_args),
+    }
     if plan.quantization is not None:
         kwargs["device_map"] = {"": str(training_args.device)}
     if plan.quantization == "nf4":
@@ -392,6 +395,17 @@ def load_model(
     if plan.quantization == "gptq":
         keep_gptq_cpu_kernels_differentiable(model)
     return model
+
+
+def attention_backend(plan: TrainingPlan, training_args: TrainingArguments) -> str:
+    """flash_attention_2 where it can run (CUDA, half precision, flash-attn installed): its varlen kernel
+    gives packed rows the cost of separate samples; sdpa (block-diagonal mask for packed rows) otherwise."""
+    half_precision = plan.dtype in (torch.bfloat16, torch.float16)
+    on_cuda = training_args.device.type == "cuda"
+    if on_cuda and half_precision and importlib.util.find_spec("flash_attn") is not None:
+        logger.info("attention: flash_attention_2 (flash-attn installed)")
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _nf4_config(compute_dtype: torch.dtype) -> Any:

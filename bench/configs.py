@@ -1,0 +1,167 @@
+"""What one benchmark configuration is, and the finetune.py flags that train it.
+
+A configuration is (mode, batching, model_max_length). Modes are the toolkit's training methods on the
+`small` model; batching is how samples become rows:
+
+    padded   the original recipe: every sample padded to model_max_length, no grouping, and the loss
+             computed from the full float32 logits (skip_logits=False). This is the baseline.
+    grouped  dynamic padding (to the longest sample of the micro-batch) with length grouping, chunked loss.
+    packed   --packing: samples concatenated into rows of model_max_length, chunked loss.
+
+Effective batch: the same number of samples per optimizer step in every configuration, about 8
+(~2k non-padding tokens of this data). padded: 1 sample per micro-batch x 8 accumulation steps (the
+original README's profiling setting, batch 1 x accumulation 8); grouped: 2 samples x 4; packed: one row
+of model_max_length per micro-batch x `TOKENS_PER_STEP // model_max_length` steps (4 x 512 or 1 x 2048 =
+2048 token slots, which packing fills with ~8 samples). Baseline and packed micro-batches thus hold the
+same number of positions (model_max_length), so their peak memory compares like for like. The real
+tokens of every step are counted and reported, so the figures do not depend on this being exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DATA_FILES = (
+    DATA_DIR / "llamafactory_alpaca_en_demo.json",
+    DATA_DIR / "llamafactory_glaive_toolcall_en_demo.json",
+)
+ALPACA_FILE = DATA_FILES[0]
+
+MODES = ("full", "lora", "lora_emb", "qlora_int4", "nf4")
+BATCHINGS = ("padded", "grouped", "packed")
+BASELINE_ACCUMULATION_STEPS = 8
+GROUPED_SAMPLES_PER_MICRO_BATCH = 2
+GROUPED_ACCUMULATION_STEPS = 4
+TOKENS_PER_STEP = 2048
+SEED = 42
+LEARNING_RATE = {"full": 1e-5}  # LoRA-style modes use DEFAULT_LEARNING_RATE
+DEFAULT_LEARNING_RATE = 1e-4
+MODE_LABELS = {
+    "full": "full",
+    "lora": "LoRA",
+    "lora_emb": "LoRA+emb",
+    "qlora_int4": "Q-LoRA GPTQ int4",
+    "nf4": "Q-LoRA nf4",
+}
+BATCHING_LABELS = {
+    "padded": "baseline (pad to max, full logits)",
+    "grouped": "dynamic padding + length grouping",
+    "packed": "packing",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    mode: str
+    batching: str
+    max_length: int
+    steps: int  # optimizer steps run; the first micro-batch is the warm-up, the rest is measured
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"unknown batching {self.batching!r}: choose from {', '.join(BATCHINGS)}")
+        if self.batching == "packed" and TOKENS_PER_STEP % self.max_length:
+            raise ValueError(f"packed rows of {self.max_length} tokens do not divide {TOKENS_PER_STEP}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-{self.batching}-{self.max_length}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.batching == "padded"
+
+    @property
+    def micro_batch_and_accumulation(self) -> tuple[int, int]:
+        if self.batching == "packed":
+            return 1, TOKENS_PER_STEP // self.max_length
+        if self.batching == "grouped":
+            return GROUPED_SAMPLES_PER_MICRO_BATCH, GROUPED_ACCUMULATION_STEPS
+        return 1, BASELINE_ACCUMULATION_STEPS
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def default_matrix(
+    modes: list[str], lengths: list[int], steps: int, baseline_steps: int, baseline: bool
+) -> list[BenchConfig]:
+    """Per length: the baseline and grouped LoRA runs (the targets compare them), then every mode packed.
+
+    The baseline gets its own (smaller) step count: its micro-batches all have the same shape, so their
+    time does not depend on the samples in them, and at 2048 one step costs minutes on 2 cores.
+    """
+    configs = []
+    for length in lengths:
+        if baseline and "lora" in modes:
+            configs.append(BenchConfig("lora", "padded", length, baseline_steps))
+        if "lora" in modes:
+            configs.append(BenchConfig("lora", "grouped", length, steps))
+        configs += [BenchConfig(mode, "packed", length, steps) for mode in modes]
+    return configs
+
+
+def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_dir: Path) -> list[str]:
+    """The finetune.py command line of this configuration (what a user would type), minus timing hooks.
+
+    The baseline's full float32 logits are not a finetune.py flag: the benchmark passes skip_logits=False
+    to the model, as the original recipe computed its loss.
+    """
+    micro_batch, accumulation = config.micro_batch_and_accumulation
+    checkpoint = gptq_dir if config.mode == "qlora_int4" else model_dir
+    flags = [
+        "--model_name_or_path",
+        str(checkpoint),
+        "--data_path",
+        ",".join(str(path) for path in DATA_FILES),
+        "--model_max_length",
+        str(config.max_length),
+        "--output_dir",
+        str(output_dir),
+        "--overwrite_output_dir",
+        "--per_device_train_batch_size",
+        str(micro_batch),
+        "--gradient_accumulation_steps",
+        str(accumulation),
+        "--max_steps",
+        str(config.steps),
+        "--learning_rate",
+        str(LEARNING_RATE.get(config.mode, DEFAULT_LEARNING_RATE)),
+        "--lr_scheduler_type",
+        "constant",
+        "--weight_decay",
+        "0.1",
+        "--adam_beta2",
+        "0.95",
+        "--logging_steps",
+        "1000000",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--dataloader_num_workers",
+        "0",
+        "--seed",
+        str(SEED),
+        "--use_cpu",
+    ]
+    if config.batching == "padded":
+        flags += ["--pad_to_max_length"]
+    elif config.batching == "grouped":
+        flags += ["--train_sampling_strategy", "group_by_length"]
+    else:
+        flags += ["--packing"]
+    if config.mode != "full":
+        flags += ["--use_lora", "--train_embeddings", "yes" if config.mode == "lora_emb" else "no"]
+    if config.mode == "qlora_int4":
+        flags += ["--q_lora"]
+    if config.mode == "nf4":
+        flags += ["--q_lora", "--q_lora_backend", "nf4"]
+    return flags

@@ -1,0 +1,168 @@
+"""Model FLOPs per training step, per mode, and the measured peak of a large float32 matmul.
+
+Model FLOPs count the work a training step needs for its real tokens, whatever the implementation
+does (the usual MFU convention: no recomputation, no padding). A matmul of an [n x k] by a [k x m]
+matrix is 2nkm FLOPs. Per layer with weight W (k inputs, m outputs) and T tokens:
+
+    forward 2Tkm;  backward: input gradient 2Tkm, weight gradient 2Tkm only when W is trained.
+
+So a trained weight costs 6 FLOPs per parameter and token, a frozen one 4 (its input gradient is still
+needed by the layers below; with frozen embeddings the first block's c_attn needs none, and autograd
+skips it, so it is not counted either). Per mode, with N_blocks the weights of the transformer blocks, N_lora the
+adapter weights (rank r on every c_attn, c_proj, w1, w2: r*(k+m) each), V*h the output layer, T real
+tokens, S supervised targets (positions whose next token is trained on) and L the length of each
+sample (segment):
+
+    full          6*N_blocks*T + 6*V*h*S                  + attention
+    LoRA, Q-LoRA  4*N_blocks*T + 6*N_lora*T + 4*V*h*S     + attention
+    LoRA+emb      4*N_blocks*T + 6*N_lora*T + 6*V*h*S     + attention
+    attention     6 * layers * d * sum(L^2)   (causal: QK^T and AV over L^2/2 pairs, 2 FLOPs each, forward
+                  2*L^2*d, backward twice that; d = heads * head_dim)
+
+The output layer counts only supervised positions because only they enter the loss: logits of other
+positions are wasted work (the original recipe computes them, our chunked loss does not). The embedding
+lookup and its gradient are gathers/scatters, 0 FLOPs; norms, activations, softmax and the optimizer are
+not counted (as usual). Q-LoRA's dequantisation is not counted: its matmuls count as float32 ones.
+
+"Executed" FLOPs (a second figure) count what the implementation actually multiplies: the baseline runs
+the blocks and the output layer on every padded position; attention runs over each row's full length
+(a packed row of 2048 tokens is one 2048 x 2048 masked attention on CPU, where there is no varlen kernel);
+the chunked loss runs the output layer twice forward on supervised positions (recomputed in backward).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LORA_TARGET_SHAPES = ("c_attn", "attn.c_proj", "w1", "w2", "mlp.c_proj")  # peft matches both c_proj
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    attention_width: int  # heads * head_dim
+    mlp_width: int  # intermediate_size // 2
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        return cls(
+            hidden=config["hidden_size"],
+            layers=config["num_hidden_layers"],
+            attention_width=config["num_attention_heads"] * config["kv_channels"],
+            mlp_width=config["intermediate_size"] // 2,
+            vocab=config["vocab_size"],
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(inputs, outputs) of each linear layer of one block."""
+        h, d, m = self.hidden, self.attention_width, self.mlp_width
+        return {"c_attn": (h, 3 * d), "attn.c_proj": (d, h), "w1": (h, m), "w2": (h, m), "mlp.c_proj": (m, h)}
+
+    @property
+    def block_weights(self) -> int:
+        return self.layers * sum(k * m for k, m in self.linear_shapes().values())
+
+    def lora_weights(self, rank: int) -> int:
+        shapes = self.linear_shapes()
+        return self.layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in LORA_TARGET_SHAPES)
+
+    @property
+    def output_weights(self) -> int:
+        return self.vocab * self.hidden
+
+
+@dataclass
+class StepTokens:
+    """What one optimizer step processed (summed over its micro-batches)."""
+
+    real_tokens: int = 0  # non-padding tokens
+    supervised: int = 0  # prediction targets that enter the loss
+    padded_tokens: int = 0  # positions computed, padding included
+    sum_squared_segments: int = 0  # sum of L^2 over samples (segments of packed rows)
+    sum_squared_rows: int = 0  # sum of (row width)^2 over rows, as the attention kernel runs them
+
+    def add(self, other: StepTokens) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def unneeded_input_gradient(shape: ModelShape, mode: str, lora_rank: int, positions: int) -> int:
+    """With frozen embeddings, nothing below the first c_attn needs a gradient: autograd skips the input
+    gradient of that layer (and of its LoRA A matrix)."""
+    if mode in ("full", "lora_emb"):
+        return 0
+    inputs, outputs = shape.linear_shapes()["c_attn"]
+    return 2 * positions * (inputs * outputs + lora_rank * inputs)
+
+
+def model_flops(shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens) -> float:
+    """FLOPs the step needs for its real tokens (see the module docstring)."""
+    attention = 6 * shape.layers * shape.attention_width * tokens.sum_squared_segments
+    if mode == "full":
+        return (
+            6 * shape.block_weights * tokens.real_tokens
+            + 6 * shape.output_weights * tokens.supervised
+            + attention
+        )
+    output_factor = 6 if mode == "lora_emb" else 4
+    return (
+        4 * shape.block_weights * tokens.real_tokens
+        + 6 * shape.lora_weights(lora_rank) * tokens.real_tokens
+        - unneeded_input_gradient(shape, mode, lora_rank, tokens.real_tokens)
+        + output_factor * shape.output_weights * tokens.supervised
+        + attention
+    )
+
+
+def executed_flops(
+    shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens, full_logits: bool
+) -> float:
+    """FLOPs the implementation runs: padding included, full attention per row, loss recomputation."""
+    positions = tokens.padded_tokens
+    attention = 2 * 6 * shape.layers * shape.attention_width * tokens.sum_squared_rows  # not causal-halved
+    block_factor = 6 if mode == "full" else 4
+    blocks = block_factor * shape.block_weights * positions
+    if mode != "full":
+        blocks += 6 * shape.lora_weights(lora_rank) * positions
+        blocks -= unneeded_input_gradient(shape, mode, lora_rank, positions)
+    weight_gradient = 2 if mode in ("full", "lora_emb") else 0
+    if full_logits:  # forward and input gradient over every position, weight gradient too when trained
+        output = (4 + weight_gradient) * shape.output_weights * positions
+    else:  # forward, recomputed forward, input gradient on supervised positions only
+        output = (6 + weight_gradient) * shape.output_weights * tokens.supervised
+    return blocks + output + attention
+
+
+def matmul_peak_flops(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> dict[str, Any]:
+    """Best float32 matmul rate over a few square sizes (FLOP/s), all threads torch uses.
+
+    The best of several repetitions is kept: on a shared machine it is the closest to the hardware's
+    attainable peak.
+    """
+    generator = torch.Generator().manual_seed(0)
+    best: dict[int, float] = {}
+    for size in sizes:
+        a = torch.randn(size, size, generator=generator)
+        b = torch.randn(size, size, generator=generator)
+        out = torch.empty(size, size)
+        torch.matmul(a, b, out=out)  # warm-up
+        rates = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            rates.append(2 * size**3 / (time.perf_counter() - started))
+        best[size] = max(rates)
+    peak_size = max(best, key=best.get)
+    return {
+        "peak_flops": best[peak_size],
+        "peak_size": peak_size,
+        "by_size": {str(size): rate for size, rate in best.items()},
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+    }
