@@ -4,7 +4,8 @@ A configuration is (mode, batching, model_max_length). Modes are the toolkit's t
 `small` model; batching is how samples become rows:
 
     padded   the original recipe: every sample padded to model_max_length, no grouping, and the loss
-             computed from the full float32 logits (skip_logits=False). This is the baseline.
+             computed as the original modeling did: full float32 logits, a shifted contiguous copy,
+             cross entropy over every position (train_once.original_recipe_loss). This is the baseline.
     grouped  dynamic padding (to the longest sample of the micro-batch) with length grouping, chunked loss.
     packed   --packing: samples concatenated into rows of model_max_length, chunked loss.
 
@@ -109,8 +110,8 @@ def default_matrix(
 def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_dir: Path) -> list[str]:
     """The finetune.py command line of this configuration (what a user would type), minus timing hooks.
 
-    The baseline's full float32 logits are not a finetune.py flag: the benchmark passes skip_logits=False
-    to the model, as the original recipe computed its loss.
+    The baseline's loss (the original modeling's, over full float32 logits) is not a finetune.py flag:
+    train_once computes it.
     """
     micro_batch, accumulation = config.micro_batch_and_accumulation
     checkpoint = gptq_dir if config.mode == "qlora_int4" else model_dir

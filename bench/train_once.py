@@ -6,8 +6,9 @@ It goes through the toolkit's own path, in the order `qwen_finetune.train.train`
 flags (`parse_args`), `plan_training`, `load_tokenizer`, `make_supervised_data`, `load_model` and the
 toolkit's `QwenTrainer`. Two things are added for measuring: a collator wrapper that records what each
 micro-batch holds (real, supervised and padded tokens, sample lengths), and timestamps at the start of
-every micro-batch and the end of every optimizer step. Nothing is saved. The baseline (batching "padded") also passes
-skip_logits=False to the model, so its loss is computed from full float32 logits as the original did.
+every micro-batch and the end of every optimizer step. Nothing is saved. The baseline (batching "padded") computes its loss as the
+original Qwen modeling did (`original_recipe_loss`): full float32 logits for every position, a contiguous
+shifted copy of them, and cross entropy over all of it.
 
 Prints one result line (see memory.emit_result); the parent reads this process's peak RSS itself.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 import psutil
 import torch
+import torch.nn.functional as F
 from configs import BenchConfig, finetune_flags
 from flops import StepTokens
 from memory import emit_result
@@ -70,19 +72,45 @@ class RecordingCollator:
         return batch
 
 
-class BenchTrainer(QwenTrainer):
-    """QwenTrainer that timestamps each training micro-batch and attaches its record to it."""
+def original_recipe_loss(
+    outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """The loss as the original Qwen modeling computed it, with the memory that costs: the full logits,
+    a contiguous copy shifted by one position, and cross entropy (log-softmax) over every position.
 
-    def __init__(self, *args: Any, recorder: RecordingCollator, full_logits: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    Reduced as the toolkit reduces (sum over supervised targets / the step's count), so the loss values
+    compare; the reduction does not change the memory or time.
+    """
+    logits = outputs.logits
+    shifted_logits = logits[..., :-1, :].contiguous()
+    shifted_labels = labels[..., 1:].contiguous().to(logits.device)
+    total = F.cross_entropy(
+        shifted_logits.view(-1, shifted_logits.shape[-1]),
+        shifted_labels.view(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (shifted_labels != IGNORE_INDEX).sum()
+    return total / count
+
+
+class BenchTrainer(QwenTrainer):
+    """QwenTrainer that timestamps each training micro-batch and attaches its record to it.
+
+    With `original_loss`, training batches are run with skip_logits=False and their loss is
+    `original_recipe_loss` (the baseline).
+    """
+
+    def __init__(self, *args: Any, recorder: RecordingCollator, original_loss: bool, **kwargs: Any) -> None:
+        super().__init__(*args, compute_loss_func=original_recipe_loss if original_loss else None, **kwargs)
         self.recorder = recorder
-        self.full_logits = full_logits
+        self.original_loss = original_loss
         self.micro_batches: list[tuple[float, StepTokens]] = []  # (start time, what it holds)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if model.training:
             self.micro_batches.append((time.perf_counter(), self.recorder.records.popleft()))
-            if self.full_logits:
+            if self.original_loss:
                 inputs = {**inputs, "skip_logits": False}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
@@ -160,7 +188,7 @@ def main() -> None:
         processing_class=tokenizer,
         plan=plan,
         recorder=recorder,
-        full_logits=config.is_baseline,
+        original_loss=config.is_baseline,
     )
     timer = StepTimer(config.steps if cli.profile else None, cli.profile)
     trainer.add_callback(timer)

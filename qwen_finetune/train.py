@@ -27,19 +27,28 @@ from transformers.trainer_utils import get_last_checkpoint
 from qwen_finetune.args import ArgumentError, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from qwen_finetune.checkpoint import save_checkpoint_dir
 from qwen_finetune.data import DataArguments, DataError, make_supervised_data, run_check_data
+from qwen_finetune.data.collate import ROW_LENGTHS
 from qwen_finetune.modeling import TrainingPlan, count_parameters, load_model, load_tokenizer, plan_training
 
 logger = logging.getLogger("qwen_finetune")
 
 SUMMARY_FILE = "train_summary.json"
 IGNORE_INDEX = -100
+BOOKKEEPING_KEYS = (ROW_LENGTHS,)  # batch entries for the trainer only, never model arguments
+
+
+def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch without the collator's bookkeeping entries: what may be passed to model.forward."""
+    return {key: value for key, value in inputs.items() if key not in BOOKKEEPING_KEYS}
 
 
 # ----------------------------------------------------------------------------------- token accounting
 
 
 class TokenMeter:
-    """Counts tokens and supervised tokens per process; totals are summed over processes at each log."""
+    """Counts real (non-padding) tokens and supervised tokens per process; totals are summed over
+    processes at each log. Real tokens come from the packed rows' lengths (packed batches have no
+    attention mask), else from the attention mask; a batch with neither has no padding."""
 
     def __init__(self) -> None:
         self.pending: torch.Tensor | None = None  # [tokens, supervised tokens] since the last sync, on device
@@ -52,9 +61,13 @@ class TokenMeter:
     def count(self, inputs: dict[str, torch.Tensor]) -> None:
         if self.last_sync is None:
             self.last_sync = time.perf_counter()
-        mask = inputs.get("attention_mask")
-        input_ids = inputs["input_ids"]
-        tokens = mask.sum() if mask is not None else torch.tensor(input_ids.numel(), device=input_ids.device)
+        lengths, mask, input_ids = inputs.get(ROW_LENGTHS), inputs.get("attention_mask"), inputs["input_ids"]
+        if lengths is not None:
+            tokens = lengths.sum()
+        elif mask is not None:
+            tokens = mask.sum()
+        else:
+            tokens = torch.tensor(input_ids.numel(), device=input_ids.device)
         supervised = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
         counts = torch.stack([tokens.long(), supervised.long()])  # stays on the device: no sync per step
         self.pending = counts if self.pending is None else self.pending + counts
@@ -88,7 +101,10 @@ class TokenMeter:
 
 
 class QwenTrainer(Trainer):
-    """The HF Trainer plus token accounting and our self-contained checkpoint directories."""
+    """The HF Trainer plus token accounting and our self-contained checkpoint directories.
+
+    Batches reach the model only through compute_loss (training) and prediction_step (evaluation,
+    which calls compute_loss when the batch has labels); both drop the bookkeeping entries first."""
 
     def __init__(self, *args: Any, plan: TrainingPlan, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,7 +121,7 @@ class QwenTrainer(Trainer):
         if model.training:
             self.meter.count(inputs)
         return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            model, model_inputs(inputs), return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
     def prediction_step(
@@ -117,8 +133,9 @@ class QwenTrainer(Trainer):
     ) -> tuple[torch.Tensor | None, Any, Any]:
         # Evaluation without metrics needs only the loss: the model then never materialises the
         # [tokens x vocabulary] logits (151936 columns) and computes the loss in chunks instead.
+        inputs = model_inputs(inputs)
         if prediction_loss_only and "labels" in inputs:
-            inputs = {**inputs, "skip_logits": True}
+            inputs["skip_logits"] = True
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -164,6 +164,41 @@ def eager_attention_forward(
     return output, weights
 
 
+def segmented_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment_lengths: list[int],
+    dropout: float,
+    scaling: float,
+) -> torch.Tensor:
+    """Causal SDPA run separately on each packed sample: [b, heads, L, d] in, [b * L, heads, d] out.
+
+    `segment_lengths` split the rows laid end to end (b*L tokens) into samples; a sample never spans two
+    rows. Compared with one masked (b, L, L) attention this costs the samples' sum of L_i^2 instead of L^2
+    per row and needs no mask: on CPU, where there is no varlen kernel, it is what makes packed rows as
+    cheap as separate samples.
+    """
+    heads, head_dim = query.shape[1], query.shape[3]
+    query, key, value = (
+        states.transpose(1, 2).reshape(-1, heads, head_dim) for states in (query, key, value)
+    )
+    outputs = [
+        F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+        )[0].transpose(0, 1)
+        for q, k, v in zip(
+            query.split(segment_lengths), key.split(segment_lengths), value.split(segment_lengths)
+        )
+    ]
+    return torch.cat(outputs)
+
+
 class QWenAttention(nn.Module):
     """Causal self-attention with the fused `c_attn` (q, k, v in that order, with bias) and `c_proj`."""
 
@@ -188,8 +223,11 @@ class QWenAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         logn_scale: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        segment_lengths: list[int] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`segment_lengths` (packed rows under sdpa, see `QWenModel._packed_segment_lengths`) replaces the
+        mask: each sample then runs its own causal attention."""
         batch, length, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = (states.transpose(1, 2) for states in qkv.unbind(2))
@@ -200,6 +238,10 @@ class QWenAttention(nn.Module):
             key, value = past_key_values.update(key, value, self.layer_idx)
         if logn_scale is not None:
             query = query * logn_scale.to(query.dtype)
+        dropout = self.attention_dropout if self.training else 0.0
+        if segment_lengths is not None:
+            output = segmented_causal_attention(query, key, value, segment_lengths, dropout, self.scaling)
+            return self.c_proj(output.reshape(batch, length, -1)), None
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -210,7 +252,7 @@ class QWenAttention(nn.Module):
             key,
             value,
             attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
             **kwargs,
         )
@@ -416,9 +458,14 @@ class QWenModel(QWenPreTrainedModel):
         logn_scale = None
         if self.config.use_logn_attn and not self.training:
             logn_scale = logn_query_scale(position_ids, self.config.seq_length)
-        causal_mask = self._causal_mask(
-            inputs_embeds, attention_mask, past_key_values, past_length, position_ids
-        )
+        segment_lengths = self._packed_segment_lengths(attention_mask, position_ids, past_length, batch)
+        causal_mask = None
+        if segment_lengths is None:
+            causal_mask = self._causal_mask(
+                inputs_embeds, attention_mask, past_key_values, past_length, position_ids
+            )
+        else:
+            kwargs["segment_lengths"] = segment_lengths
 
         hidden_states = self.drop(inputs_embeds)
         for block in self.h:
@@ -472,6 +519,31 @@ class QWenModel(QWenPreTrainedModel):
         if past_key_values is not None:
             setattr(past_key_values, NTK_ALPHAS_CACHE_ATTRIBUTE, alphas[:, -1].tolist())
         return alphas
+
+    def _packed_segment_lengths(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        past_length: int,
+        batch: int,
+    ) -> list[int] | None:
+        """Sample lengths of packed rows laid end to end, when attention can run per sample instead of
+        through a block-diagonal mask: sdpa, no cached tokens, no padding mask, and position ids that
+        restart inside a row. Else None (the mask path)."""
+        if (
+            self.config._attn_implementation != "sdpa"
+            or past_length > 0
+            or position_ids.shape[-1] < 2
+            or (attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())))
+        ):
+            return None
+        positions = position_ids.expand(batch, -1)
+        restarts = positions[:, 1:] != positions[:, :-1] + 1
+        if not bool(restarts.any()):
+            return None
+        starts = F.pad(restarts, (1, 0), value=True).reshape(-1).nonzero().squeeze(1)
+        ends = torch.cat((starts[1:], starts.new_tensor([positions.numel()])))
+        return (ends - starts).tolist()
 
     def _causal_mask(
         self,
@@ -527,10 +599,91 @@ def _projected_cross_entropy_sum(
     return _cross_entropy_sum(project(features), targets)
 
 
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """Sum of the cross entropy of `features @ weight.T` (float32 logits), with its gradients computed
+    during the forward pass, chunk by chunk.
+
+    Per chunk of LOSS_CHUNK_TOKENS rows the logits are formed once; softmax minus the one-hot target is
+    their gradient, which gives the chunk's feature gradient and adds to the weight's. Backward only
+    scales what was stored by the incoming gradient. Compared with checkpointing each chunk this skips
+    the recomputed projection and the separate log-softmax backward, and it never holds more than one
+    chunk of logits. Gradients are computed only for the inputs that need them.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        feature_grad = torch.empty_like(features) if ctx.needs_input_grad[0] else None
+        weight_grad = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = features.new_zeros((), dtype=torch.float32)
+        for part in _chunks(targets.numel(), LOSS_CHUNK_TOKENS):
+            chunk, chunk_targets = features[part], targets[part]
+            logits = (chunk @ weight.t()).float()
+            log_normaliser = torch.logsumexp(logits, dim=-1)
+            total += (log_normaliser - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            logits_grad = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in place
+            logits_grad[torch.arange(len(chunk_targets), device=logits.device), chunk_targets] -= 1
+            logits_grad = logits_grad.to(weight.dtype)
+            if feature_grad is not None:
+                feature_grad[part] = logits_grad @ weight
+            if weight_grad is not None:
+                weight_grad.addmm_(logits_grad.t(), chunk)
+        ctx.save_for_backward(feature_grad, weight_grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        feature_grad, weight_grad = ctx.saved_tensors
+        return (
+            feature_grad * grad_total.to(feature_grad.dtype) if feature_grad is not None else None,
+            weight_grad * grad_total.to(weight_grad.dtype) if weight_grad is not None else None,
+            None,
+        )
+
+
+def _fusable_weight(project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """The weight of a projection the fused loss may use directly, or None.
+
+    Only a plain bias-free nn.Linear without hooks qualifies: wrappers (PEFT modules_to_save, quantized
+    layers), forward hooks (accelerate offload) and DeepSpeed ZeRO-3 parameters (partitioned outside
+    their module's forward) must be called as modules, so they take the checkpointed path.
+    """
+    if type(project) is not nn.Linear or project.bias is not None:
+        return None
+    if project._forward_hooks or project._forward_pre_hooks or hasattr(project, "_hf_hook"):
+        return None
+    if hasattr(project.weight, "ds_id"):
+        return None
+    return project.weight
+
+
 def _chunks(total: int, size: int) -> Iterator[slice]:
     """Slices covering range(total) in steps of `size`; one empty slice when total is 0 (keeps the graph)."""
     for start in range(0, max(total, 1), size):
         yield slice(start, start + size)
+
+
+def _cross_entropy_sum_in_chunks(
+    features: torch.Tensor, targets: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """Summed cross entropy of the supervised rows (see `causal_lm_loss`)."""
+    training = project is not None and torch.is_grad_enabled()
+    weight = _fusable_weight(project) if training else None
+    if weight is not None:
+        return _LinearCrossEntropySum.apply(features, weight, targets)
+    total = None
+    for part in _chunks(targets.numel(), LOSS_CHUNK_TOKENS):
+        if project is None:
+            chunk_loss = _cross_entropy_sum(features[part], targets[part])
+        elif training:
+            chunk_loss = checkpoint(
+                _projected_cross_entropy_sum, project, features[part], targets[part], use_reentrant=False
+            )
+        else:
+            chunk_loss = _projected_cross_entropy_sum(project, features[part], targets[part])
+        total = chunk_loss if total is None else total + chunk_loss
+    return total
 
 
 def causal_lm_loss(
@@ -543,7 +696,8 @@ def causal_lm_loss(
 
     `features` are logits ([b, t, vocab]) when `project` is None, else final hidden states that `project`
     (the lm_head) maps to logits chunk by chunk: only supervised tokens are projected, in chunks of
-    LOSS_CHUNK_TOKENS upcast to float32, each checkpointed so backward keeps no chunk's logits.
+    LOSS_CHUNK_TOKENS upcast to float32, and backward keeps no chunk's logits: a plain lm_head goes through
+    `_LinearCrossEntropySum` (gradients formed in the forward pass), anything else is checkpointed per chunk.
     Reduction: sum / num_items_in_batch when given (HF Trainer gradient accumulation), else the mean over
     supervised tokens (0, not NaN, when there is none).
     """
@@ -551,18 +705,7 @@ def causal_lm_loss(
     supervised = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     features = features.reshape(-1, features.shape[-1]).index_select(0, supervised)
     targets = targets.index_select(0, supervised)
-    use_checkpoint = project is not None and torch.is_grad_enabled()
-    total = None
-    for part in _chunks(targets.numel(), LOSS_CHUNK_TOKENS):
-        if project is None:
-            chunk_loss = _cross_entropy_sum(features[part], targets[part])
-        elif use_checkpoint:
-            chunk_loss = checkpoint(
-                _projected_cross_entropy_sum, project, features[part], targets[part], use_reentrant=False
-            )
-        else:
-            chunk_loss = _projected_cross_entropy_sum(project, features[part], targets[part])
-        total = chunk_loss if total is None else total + chunk_loss
+    total = _cross_entropy_sum_in_chunks(features, targets, project)
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     return total / max(targets.numel(), 1)

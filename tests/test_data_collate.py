@@ -9,7 +9,7 @@ import torch
 
 from qwen_finetune.data import DataArguments, make_supervised_data
 from qwen_finetune.data.chatml import IGNORE_INDEX
-from qwen_finetune.data.collate import SupervisedCollator
+from qwen_finetune.data.collate import ROW_LENGTHS, SupervisedCollator
 from qwen_finetune.data.packing import pack_lengths, pack_samples
 
 EXAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "example.json")
@@ -61,7 +61,8 @@ def test_packed_row_restarts_positions_and_masks_each_first_label() -> None:
 def test_packed_batch_padding_is_its_own_segment_without_attention_mask() -> None:
     rows = [pack_samples([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]]), pack_samples([[6, 7]], [[6, 7]])]
     batch = SupervisedCollator(pad_token_id=EOD)(rows)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", ROW_LENGTHS}
+    assert batch[ROW_LENGTHS].tolist() == [5, 2]  # the real tokens of each row, for token accounting
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, EOD, EOD, EOD]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     assert batch["labels"].tolist() == [
@@ -70,6 +71,7 @@ def test_packed_batch_padding_is_its_own_segment_without_attention_mask() -> Non
     ]
     padded = SupervisedCollator(pad_token_id=EOD, pad_to_length=7)(rows)
     assert padded["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 1, 0, 1, 2, 3, 4]]
+    assert padded[ROW_LENGTHS].tolist() == [5, 2]
 
 
 def test_pack_lengths_fills_rows_without_overflow_and_uses_every_sample_once() -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from qwen_finetune.data import DataArguments, make_supervised_data
 from qwen_finetune.data.chatml import IGNORE_INDEX
+from qwen_finetune.train import model_inputs
 
 EXAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "example.json")
 MAX_LENGTH = 128
@@ -108,4 +109,5 @@ def test_batch_loss_is_the_same_with_dynamic_padding_max_padding_and_packing(
     assert packed_batch["input_ids"].shape[0] < len(features)
     supervised = (dynamic_batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     assert (packed_batch["labels"][:, 1:] != IGNORE_INDEX).sum() == supervised
-    assert model(**packed_batch, skip_logits=True).loss.item() == pytest.approx(dynamic_loss.item(), rel=1e-4)
+    packed_loss = model(**model_inputs(packed_batch), skip_logits=True).loss
+    assert packed_loss.item() == pytest.approx(dynamic_loss.item(), rel=1e-4)

@@ -342,6 +342,50 @@ def test_right_padded_packed_batch_keeps_samples_apart() -> None:
         assert max_diff(logits[1, :8], model(c[None]).logits[0]) < 1e-5
 
 
+def test_packed_training_batch_under_sdpa_runs_per_sample_and_matches_the_masked_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two packed rows as the collator makes them (no attention mask; the shorter row's padding is a
+    segment of its own): sdpa runs attention per sample, with the loss, logits and gradients of the
+    block-diagonal mask that eager attention gets, and each sample's logits equal to it run alone."""
+    samples = [random_ids(6, seed=21), random_ids(9, seed=22), random_ids(5, seed=23), random_ids(7, seed=24)]
+    rows = [torch.cat(samples[:2]), torch.cat((samples[2], samples[3], torch.zeros(3, dtype=torch.long)))]
+    input_ids = torch.stack(rows)
+    position_ids = torch.stack(
+        (
+            torch.cat((torch.arange(6), torch.arange(9))),
+            torch.cat((torch.arange(5), torch.arange(7), torch.arange(3))),
+        )
+    )
+    labels = input_ids.clone()
+    labels[:, 0] = -100
+    labels[0, 6] = labels[1, 5] = -100  # first label of each sample
+    labels[1, 12:] = -100  # padding
+    inputs = dict(input_ids=input_ids, position_ids=position_ids, labels=labels)
+
+    calls: list[list[int]] = []
+    real_segmented = modeling_qwen.segmented_causal_attention
+
+    def spy(*args, **kwargs):
+        calls.append(list(args[3]))
+        return real_segmented(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_qwen, "segmented_causal_attention", spy)
+    per_sample = random_model(attn_implementation="sdpa").train()
+    masked = random_model(attn_implementation="eager").train()
+    out_sdpa, grads_sdpa = _loss_and_grads(per_sample, **inputs, skip_logits=False)
+    out_eager, grads_eager = _loss_and_grads(masked, **inputs, skip_logits=False)
+
+    assert calls and calls[0] == [6, 9, 5, 7, 3]
+    assert out_sdpa.loss.item() == pytest.approx(out_eager.loss.item(), abs=1e-5)
+    assert max_diff(out_sdpa.logits, out_eager.logits) < 1e-4
+    for name, grad in grads_eager.items():
+        assert max_diff(grads_sdpa[name], grad) < 1e-4, name
+    with torch.no_grad():
+        alone = per_sample(samples[3][None]).logits[0]
+    assert max_diff(out_sdpa.logits[1, 5:12].detach(), alone) < 1e-4
+
+
 # --- loss and training plumbing ---------------------------------------------------------------------
 
 
@@ -375,6 +419,41 @@ def test_chunked_training_loss_equals_full_logits_loss(monkeypatch: pytest.Monke
     assert chunked.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
     for name, grad in full_grads.items():
         assert max_diff(chunked_grads[name], grad) < 1e-6, name
+
+
+@pytest.mark.parametrize("train_lm_head", [True, False])
+def test_fused_loss_of_a_plain_lm_head_equals_full_logits_loss(
+    monkeypatch: pytest.MonkeyPatch, train_lm_head: bool
+) -> None:
+    """A plain lm_head takes the fused path (gradients formed in the forward pass, scaled in backward):
+    same loss and gradients as full logits, for a trained and a frozen lm_head, under a loss scale."""
+    monkeypatch.setattr(modeling_qwen, "LOSS_CHUNK_TOKENS", 4)
+    fused_calls = []
+    real_fusable = modeling_qwen._fusable_weight
+    monkeypatch.setattr(
+        modeling_qwen, "_fusable_weight", lambda project: fused_calls.append(1) or real_fusable(project)
+    )
+    model = random_model().train()
+    model.lm_head.weight.requires_grad_(train_lm_head)
+    input_ids = random_ids(2, 11)
+    labels = input_ids.clone()
+    labels[0, :4] = -100
+    labels[1, 7:] = -100
+    scale = 2.5  # as a loss scaler or gradient accumulation would multiply the incoming gradient
+
+    def loss_and_grads(**extra):
+        model.zero_grad()
+        output = model(input_ids=input_ids, labels=labels, **extra)
+        (output.loss * scale).backward()
+        return output.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused_loss, fused_grads = loss_and_grads()
+    assert fused_calls and real_fusable(model.lm_head) is model.lm_head.weight
+    full_loss, full_grads = loss_and_grads(skip_logits=False)
+    assert fused_loss == pytest.approx(full_loss, abs=1e-6)
+    assert ("lm_head.weight" in fused_grads) == train_lm_head
+    for name, grad in full_grads.items():  # softmax - one-hot vs log-softmax backward: float32 rounding
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_num_items_in_batch_turns_the_mean_into_a_sum_over_it() -> None:

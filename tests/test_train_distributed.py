@@ -1,12 +1,16 @@
 """Multi-process training on CPU: DeepSpeed ZeRO-2 / ZeRO-3 with 2 processes (torchrun), Q-LoRA with
 and without DeepSpeed on 1 and 2 processes (1 process: DeepSpeed without a launcher, rank via
-mpi4py), two simulated nodes, and kill-and-resume under ZeRO-2 (LoRA) and ZeRO-3 (full). Several
-runs go through the launch scripts in finetune/. Every run ends with an evaluation on the training
-data after its last step; the saved artifact, reloaded here, must give that same loss."""
+mpi4py), two simulated nodes, and kill-and-resume under ZeRO-2 (LoRA, full, Q-LoRA) and ZeRO-3 (full,
+LoRA with trainable embeddings). Several runs go through the launch scripts in finetune/. Every run
+ends with an evaluation on the training data after its last step; the saved artifact, reloaded here,
+must give that same loss. A resume test reuses a matrix run (a module-scoped fixture) as its
+uninterrupted reference, so it adds only the killed and the resumed run."""
 
 from __future__ import annotations
 
 import json
+import re
+import stat
 import subprocess
 from pathlib import Path
 
@@ -90,6 +94,27 @@ def launch_script(name: str, model: Path, data: Path, argv: list[str], **env: st
     return helpers.run(command, env=helpers.subprocess_env(**env))
 
 
+ARGV_RECORDER = """#!/usr/bin/env bash
+# Stands in for $PYTHON in a launch script: answers the GPU-count probe, records the command line.
+if [[ "$1" == "-c" ]]; then echo 0; exit 0; fi
+printf '%s\\0' "$@" > "$RECORDED_ARGV"
+"""
+
+
+def launch_script_argv(name: str, model: Path, data: Path, argv: list[str], directory: Path) -> list[str]:
+    """The complete finetune.py command line a finetune/*.sh script runs (its own flags, then `argv`),
+    recorded by a stand-in interpreter instead of training: to repeat that run with another launcher."""
+    interpreter = directory / "record-argv" / "python"
+    interpreter.parent.mkdir(exist_ok=True)
+    interpreter.write_text(ARGV_RECORDER)
+    interpreter.chmod(interpreter.stat().st_mode | stat.S_IXUSR)
+    recorded = directory / "record-argv" / f"{name}.argv"
+    command = ["bash", str(SCRIPTS / name), "-m", str(model), "-d", str(data), *argv]
+    helpers.run(command, env=helpers.subprocess_env(PYTHON=str(interpreter), RECORDED_ARGV=str(recorded)))
+    arguments = recorded.read_text().split("\0")[:-1]
+    return arguments[arguments.index(str(helpers.FINETUNE_PY)) + 1 :]
+
+
 def check_run(output: Path, base: float, batch, *, adapter: bool, processes: int, embeddings: bool) -> dict:
     helpers.assert_artifacts(output, adapter=adapter)
     helpers.assert_loss_fell(output, base)
@@ -109,13 +134,22 @@ def check_run(output: Path, base: float, batch, *, adapter: bool, processes: int
 # ------------------------------------------------------------------------------------------- ZeRO-2
 
 
+@pytest.fixture(scope="module")
+def full_chat_zero2(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
+    """Full, chat model, ZeRO-2, 2 processes: a matrix cell and the reference of the resume test."""
+    output = workdir / "full-chat-zero2"
+    argv = flags("full", checkpoints["chat"], data_file, output, workdir, 2, deepspeed_flags(2))
+    torchrun_finetune(argv)
+    return output, argv
+
+
 @pytest.mark.parametrize("kind", ["chat", "base"])
-def test_full_zero2_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss):
-    output = workdir / f"full-{kind}-zero2"
-    argv = flags("full", checkpoints[kind], data_file, output, workdir, 2, deepspeed_flags(2))
+def test_full_zero2_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss, request):
     if kind == "chat":
-        torchrun_finetune(argv)
+        output, _ = request.getfixturevalue("full_chat_zero2")
     else:  # the ZeRO-3 full script with the ZeRO-2 config
+        output = workdir / f"full-{kind}-zero2"
+        argv = flags("full", checkpoints[kind], data_file, output, workdir, 2, deepspeed_flags(2))
         launch_script("finetune_ds.sh", checkpoints[kind], data_file, argv, NPROC_PER_NODE="2")
     check_run(output, base_loss(checkpoints[kind]), batch, adapter=False, processes=2, embeddings=True)
 
@@ -202,11 +236,24 @@ def test_full_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, 
     assert len(set(index["weight_map"].values())) >= 2
 
 
+@pytest.fixture(scope="module")
+def lora_base_zero3(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
+    """LoRA with trainable wte/lm_head (auto: base model), ZeRO-3, 2 processes: a matrix cell and the
+    reference of the resume test."""
+    output = workdir / "lora-base-zero3"
+    argv = flags("lora", checkpoints["base"], data_file, output, workdir, 2, deepspeed_flags(3))
+    torchrun_finetune(argv)
+    return output, argv
+
+
 @pytest.mark.parametrize("kind", ["chat", "base"])
-def test_lora_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss):
+def test_lora_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, base_loss, request):
     """kind=base: LoRA with trainable wte/lm_head under ZeRO-3 (the original refused this)."""
-    output = workdir / f"lora-{kind}-zero3"
-    torchrun_finetune(flags("lora", checkpoints[kind], data_file, output, workdir, 2, deepspeed_flags(3)))
+    if kind == "base":
+        output, _ = request.getfixturevalue("lora_base_zero3")
+    else:
+        output = workdir / f"lora-{kind}-zero3"
+        torchrun_finetune(flags("lora", checkpoints[kind], data_file, output, workdir, 2, deepspeed_flags(3)))
     check_run(
         output, base_loss(checkpoints[kind]), batch, adapter=True, processes=2, embeddings=kind == "base"
     )
@@ -230,10 +277,20 @@ def test_qlora_two_processes_without_deepspeed(tiny_gptq_checkpoint, data_file, 
     check_run(output, base_loss(tiny_gptq_checkpoint), batch, adapter=True, processes=2, embeddings=False)
 
 
-def test_qlora_zero2_two_processes(tiny_gptq_checkpoint, data_file, workdir, batch, base_loss):
+@pytest.fixture(scope="module")
+def qlora_zero2(tiny_gptq_checkpoint, data_file, workdir) -> tuple[Path, list[str]]:
+    """Q-LoRA (GPTQ int4) through finetune_qlora_ds.sh (ZeRO-2, gradient checkpointing), 2 processes:
+    a matrix cell and the reference of the resume test, with the finetune.py flags the script ran."""
     output = workdir / "qlora-zero2"
     argv = flags("qlora", tiny_gptq_checkpoint, data_file, output, workdir, 2)
     launch_script("finetune_qlora_ds.sh", tiny_gptq_checkpoint, data_file, argv, NPROC_PER_NODE="2")
+    script_argv = launch_script_argv("finetune_qlora_ds.sh", tiny_gptq_checkpoint, data_file, argv, workdir)
+    assert "--gradient_checkpointing" in script_argv and script_argv[-len(argv) :] == argv, script_argv
+    return output, script_argv
+
+
+def test_qlora_zero2_two_processes(qlora_zero2, tiny_gptq_checkpoint, batch, base_loss):
+    output, _ = qlora_zero2
     check_run(output, base_loss(tiny_gptq_checkpoint), batch, adapter=True, processes=2, embeddings=False)
 
 
@@ -242,7 +299,8 @@ def test_qlora_zero2_two_processes(tiny_gptq_checkpoint, data_file, workdir, bat
 
 def kill_and_resume(reference: Path, argv: list[str], output: Path, workdir: Path) -> None:
     """Rerun `argv` (the reference run's flags) into `output`, SIGKILL both processes at step 3,
-    resume from checkpoint-2: the loss curve and final eval loss are the uninterrupted run's."""
+    resume from checkpoint-2: the resumed run trains steps 3 and 4 only, and the loss curve and final
+    eval loss are the uninterrupted run's."""
     argv = [str(output) if item == str(reference) else item for item in argv]
     argv += ["--save_strategy", "steps", "--save_steps", "2"]
     runner = helpers.write_kill_runner(workdir)
@@ -251,7 +309,11 @@ def kill_and_resume(reference: Path, argv: list[str], output: Path, workdir: Pat
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
     assert list((output / "checkpoint-2").glob("global_step*")), "no DeepSpeed state in the checkpoint"
 
-    torchrun_finetune([*argv, "--resume_from_checkpoint", str(output / "checkpoint-2")])
+    log = torchrun_finetune([*argv, "--resume_from_checkpoint", str(output / "checkpoint-2")])
+    trained = [int(step) for step in re.findall(r"^step (\d+)/\d+ \| epoch", log, flags=re.MULTILINE)]
+    assert trained == [3, 4], (
+        f"the resumed run trained steps {trained}, not those after checkpoint-2:\n{log[-3000:]}"
+    )
     resumed, uninterrupted = helpers.loss_curve(output), helpers.loss_curve(reference)
     assert len(resumed) == len(uninterrupted) == STEPS
     assert resumed == pytest.approx(uninterrupted, rel=1e-4), (resumed, uninterrupted)
@@ -268,5 +330,29 @@ def test_lora_zero2_kill_and_resume(lora_chat_zero2, workdir, batch):
 def test_full_zero3_kill_and_resume(full_base_zero3, workdir, batch):
     reference, argv = full_base_zero3
     output = workdir / "full-base-zero3-killed"
+    kill_and_resume(reference, argv, output, workdir)
+    helpers.assert_reload_reproduces(output, batch)
+
+
+def test_full_zero2_kill_and_resume(full_chat_zero2, workdir, batch):
+    reference, argv = full_chat_zero2
+    output = workdir / "full-chat-zero2-killed"
+    kill_and_resume(reference, argv, output, workdir)
+    helpers.assert_reload_reproduces(output, batch)
+
+
+def test_lora_zero3_kill_and_resume(lora_base_zero3, workdir, batch):
+    """LoRA with trainable embeddings (modules_to_save), ZeRO-3-partitioned."""
+    reference, argv = lora_base_zero3
+    output = workdir / "lora-base-zero3-killed"
+    kill_and_resume(reference, argv, output, workdir)
+    assert helpers.summary(output)["train_embeddings"] is True
+    helpers.assert_reload_reproduces(output, batch)
+
+
+def test_qlora_zero2_kill_and_resume(qlora_zero2, workdir, batch):
+    """The reference ran through finetune_qlora_ds.sh; the killed and resumed runs repeat its flags."""
+    reference, argv = qlora_zero2
+    output = workdir / "qlora-zero2-killed"
     kill_and_resume(reference, argv, output, workdir)
     helpers.assert_reload_reproduces(output, batch)
