@@ -25,9 +25,11 @@ lookup and its gradient are gathers/scatters, 0 FLOPs; norms, activations, softm
 not counted (as usual). Q-LoRA's dequantisation is not counted: its matmuls count as float32 ones.
 
 "Executed" FLOPs (a second figure) count what the implementation actually multiplies: the baseline runs
-the blocks and the output layer on every padded position; attention runs over each row's full length
-(a packed row of 2048 tokens is one 2048 x 2048 masked attention on CPU, where there is no varlen kernel);
-the chunked loss runs the output layer twice forward on supervised positions (recomputed in backward).
+the blocks and the output layer on every padded position; a padded or grouped row runs masked attention
+over its full width (all W^2 pairs); a packed row runs causal attention per sample (as model FLOPs). The
+chunked loss projects supervised positions only: the fused loss of a plain lm_head forms the gradients in
+the same pass (forward, input gradient, weight gradient when trained), while a wrapped lm_head (LoRA+emb:
+PEFT modules_to_save) is checkpointed per chunk and runs its forward a second time in backward.
 """
 
 from __future__ import annotations
@@ -121,11 +123,15 @@ def model_flops(shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens
 
 
 def executed_flops(
-    shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens, full_logits: bool
+    shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens, full_logits: bool, packed: bool
 ) -> float:
-    """FLOPs the implementation runs: padding included, full attention per row, loss recomputation."""
+    """FLOPs the implementation runs: padding included, masked attention over whole unpacked rows,
+    the recomputed projection of a checkpointed loss (see the module docstring)."""
     positions = tokens.padded_tokens
-    attention = 2 * 6 * shape.layers * shape.attention_width * tokens.sum_squared_rows  # not causal-halved
+    if packed:
+        attention = 6 * shape.layers * shape.attention_width * tokens.sum_squared_segments
+    else:  # a mask over the whole row, not causal-halved
+        attention = 2 * 6 * shape.layers * shape.attention_width * tokens.sum_squared_rows
     block_factor = 6 if mode == "full" else 4
     blocks = block_factor * shape.block_weights * positions
     if mode != "full":
@@ -134,8 +140,9 @@ def executed_flops(
     weight_gradient = 2 if mode in ("full", "lora_emb") else 0
     if full_logits:  # forward and input gradient over every position, weight gradient too when trained
         output = (4 + weight_gradient) * shape.output_weights * positions
-    else:  # forward, recomputed forward, input gradient on supervised positions only
-        output = (6 + weight_gradient) * shape.output_weights * tokens.supervised
+    else:  # on supervised positions only: forward, input gradient, and the recomputed forward if wrapped
+        recomputed = 2 if mode == "lora_emb" else 0
+        output = (4 + recomputed + weight_gradient) * shape.output_weights * tokens.supervised
     return blocks + output + attention
 
 

@@ -20,8 +20,8 @@ GB (1e9 bytes) for one GPU, batch 1, bf16 compute, AdamW; the terms and their as
                   one block's activations while it is recomputed.
     logits        original: the full [N x vocab] bf16 logits, a contiguous shifted copy, the float32
                   upcast inside the loss and its gradient: ~ N*vocab*(2 + 2 + 4 + 4) bytes.
-                  chunked (ours): one chunk of min(N, 1024) supervised positions in float32, forward and
-                  gradient: ~ chunk*vocab*8 bytes, whatever N is.
+                  chunked (ours): one chunk of min(N, LOSS_CHUNK_TOKENS = 256) supervised positions in float32
+                  and its gradient: ~ chunk*vocab*8 bytes, whatever N is.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from qwen_model.modeling_qwen import LOSS_CHUNK_TOKENS
+
 GB = 1e9
 LORA_RANK = 64
-LOSS_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def activation_bytes(size: Size, mode: str, tokens: int, checkpointing: bool) ->
 
 def logits_bytes(size: Size, tokens: int, chunked: bool) -> float:
     if chunked:
-        return min(tokens, LOSS_CHUNK) * size.vocab * 8
+        return min(tokens, LOSS_CHUNK_TOKENS) * size.vocab * 8
     return tokens * size.vocab * 12
 
 

@@ -45,7 +45,9 @@ def derive(raw: dict[str, Any], shape: ModelShape, peak_flops: float) -> dict[st
         padding = 1 - tokens.real_tokens / tokens.padded_tokens
         scale = 1.0
     useful = model_flops(shape, mode, raw["lora_rank"], tokens) * scale
-    executed = executed_flops(shape, mode, raw["lora_rank"], tokens, full_logits=baseline)
+    executed = executed_flops(
+        shape, mode, raw["lora_rank"], tokens, full_logits=baseline, packed=config["batching"] == "packed"
+    )
     return {
         "name": f"{mode}-{config['batching']}-{config['max_length']}",
         "mode": mode,

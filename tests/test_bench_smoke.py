@@ -39,10 +39,13 @@ def small_random_model() -> QWenLMHeadModel:
     return QWenLMHeadModel(config).train()
 
 
-def counted_training_flops(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
-    """Matmul FLOPs of one forward+backward with full logits, as torch counts them."""
+def counted_training_flops(model: torch.nn.Module, input_ids: torch.Tensor, full_logits: bool = True) -> int:
+    """Matmul FLOPs of one forward+backward (full logits, or the toolkit's chunked loss), as torch counts
+    them."""
     with FlopCounterMode(display=False) as counter:
-        model(input_ids=input_ids, labels=input_ids, skip_logits=False).loss.backward()
+        model(
+            input_ids=input_ids, labels=input_ids, skip_logits=False if full_logits else None
+        ).loss.backward()
     return counter.get_total_flops()
 
 
@@ -65,7 +68,18 @@ def test_executed_flops_of_full_fine_tuning_match_torch_counter() -> None:
     model = small_random_model()
     input_ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     counted = counted_training_flops(model, input_ids)
-    predicted = executed_flops(shape_of(model), "full", LORA_RANK, full_logits_step(2, 24), full_logits=True)
+    step = full_logits_step(2, 24)
+    predicted = executed_flops(shape_of(model), "full", LORA_RANK, step, full_logits=True, packed=False)
+    assert predicted == pytest.approx(counted, rel=0.01)
+
+
+def test_executed_flops_of_the_fused_chunked_loss_match_torch_counter() -> None:
+    """The fused loss projects supervised positions once (no recomputation in backward)."""
+    model = small_random_model()
+    input_ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    counted = counted_training_flops(model, input_ids, full_logits=False)
+    step = full_logits_step(2, 24)
+    predicted = executed_flops(shape_of(model), "full", LORA_RANK, step, full_logits=False, packed=False)
     assert predicted == pytest.approx(counted, rel=0.01)
 
 
@@ -80,9 +94,9 @@ def test_executed_flops_of_lora_skip_frozen_weight_gradients() -> None:
     input_ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     counted = counted_training_flops(model, input_ids)
     step = full_logits_step(2, 24)
-    predicted = executed_flops(shape_of(base), "lora", LORA_RANK, step, full_logits=True)
+    predicted = executed_flops(shape_of(base), "lora", LORA_RANK, step, full_logits=True, packed=False)
     assert predicted == pytest.approx(counted, rel=0.01)
-    full = executed_flops(shape_of(base), "full", LORA_RANK, step, full_logits=True)
+    full = executed_flops(shape_of(base), "full", LORA_RANK, step, full_logits=True, packed=False)
     assert predicted < full  # frozen weights: no weight gradients
 
 

@@ -1,7 +1,8 @@
 """Multi-process training on CPU: DeepSpeed ZeRO-2 / ZeRO-3 with 2 processes (torchrun), Q-LoRA with
 and without DeepSpeed on 1 and 2 processes (1 process: DeepSpeed without a launcher, rank via
-mpi4py), two simulated nodes, and kill-and-resume under ZeRO-2 (LoRA, full, Q-LoRA) and ZeRO-3 (full,
-LoRA with trainable embeddings). Several runs go through the launch scripts in finetune/. Every run
+mpi4py), NF4 Q-LoRA under ZeRO-2, the CPU-offload configs, two simulated nodes, and kill-and-resume
+under ZeRO-2 (LoRA, full, GPTQ Q-LoRA, NF4 Q-LoRA) and ZeRO-3 (full, LoRA with trainable embeddings).
+Several runs go through the launch scripts in finetune/. Every run
 ends with an evaluation on the training data after its last step; the saved artifact, reloaded here,
 must give that same loss. A resume test reuses a matrix run (a module-scoped fixture) as its
 uninterrupted reference, so it adds only the killed and the resumed run."""
@@ -20,8 +21,13 @@ import train_helpers as helpers
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 STEPS = 4
-LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2}
-METHOD_FLAGS = {"full": [], "lora": ["--use_lora"], "qlora": ["--use_lora", "--q_lora"]}
+LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2, "nf4": 1e-2}
+METHOD_FLAGS = {
+    "full": [],
+    "lora": ["--use_lora"],
+    "qlora": ["--use_lora", "--q_lora"],
+    "nf4": ["--use_lora", "--q_lora", "--q_lora_backend", "nf4"],
+}
 SCRIPTS = helpers.REPO_ROOT / "finetune"
 
 
@@ -294,6 +300,52 @@ def test_qlora_zero2_two_processes(qlora_zero2, tiny_gptq_checkpoint, batch, bas
     check_run(output, base_loss(tiny_gptq_checkpoint), batch, adapter=True, processes=2, embeddings=False)
 
 
+@pytest.fixture(scope="module")
+def nf4_zero2(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
+    """Q-LoRA on a bitsandbytes NF4 base, ZeRO-2, 2 processes: a run of its own and the reference of
+    the resume test."""
+    output = workdir / "nf4-zero2"
+    argv = flags("nf4", checkpoints["chat"], data_file, output, workdir, 2, deepspeed_flags(2))
+    torchrun_finetune(argv)
+    return output, argv
+
+
+def test_nf4_zero2_two_processes(nf4_zero2, checkpoints, batch, base_loss):
+    output, _ = nf4_zero2
+    helpers.assert_artifacts(output, adapter=True)
+    helpers.assert_loss_fell(output, base_loss(checkpoints["chat"]))
+    helpers.assert_reload_reproduces(
+        output, batch, quantization_config=helpers.nf4_quantization(), device_map="cpu"
+    )
+    summary = helpers.summary(output)
+    assert (summary["processes"], summary["global_steps"]) == (2, STEPS)
+
+
+@pytest.mark.parametrize(
+    ("script", "method", "config"),
+    [
+        ("finetune_lora_ds.sh", "lora", "ds_config_zero2_offload.json"),
+        ("finetune_ds.sh", "full", "ds_config_zero3_offload.json"),
+    ],
+)
+def test_cpu_offload_configs(script, method, config, checkpoints, data_file, workdir, batch, base_loss):
+    """The offload variants (optimizer, and under ZeRO-3 the parameters, in CPU memory) train and save
+    through the launch scripts."""
+    output = workdir / f"{method}-{Path(config).stem}"
+    argv = flags(
+        method, checkpoints["chat"], data_file, output, workdir, 2, ["--deepspeed", str(SCRIPTS / config)]
+    )
+    launch_script(script, checkpoints["chat"], data_file, argv, NPROC_PER_NODE="2")
+    check_run(
+        output,
+        base_loss(checkpoints["chat"]),
+        batch,
+        adapter=method == "lora",
+        processes=2,
+        embeddings=method == "full",  # full fine-tuning trains every weight, the embeddings included
+    )
+
+
 # ------------------------------------------------------------------------------------------- resume
 
 
@@ -356,3 +408,12 @@ def test_qlora_zero2_kill_and_resume(qlora_zero2, workdir, batch):
     output = workdir / "qlora-zero2-killed"
     kill_and_resume(reference, argv, output, workdir)
     helpers.assert_reload_reproduces(output, batch)
+
+
+def test_nf4_zero2_kill_and_resume(nf4_zero2, workdir, batch):
+    reference, argv = nf4_zero2
+    output = workdir / "nf4-zero2-killed"
+    kill_and_resume(reference, argv, output, workdir)
+    helpers.assert_reload_reproduces(
+        output, batch, quantization_config=helpers.nf4_quantization(), device_map="cpu"
+    )

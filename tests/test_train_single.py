@@ -78,18 +78,6 @@ def train_in_process(argv: list[str]) -> TrainingRun:
     return train(*parse_args(argv))
 
 
-def nf4_quantization():
-    """The quantization an NF4 adapter was trained on, to reload its base the same way."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.float32,
-        bnb_4bit_use_double_quant=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def models(checkpoints: dict[str, Path], request: pytest.FixtureRequest):
     """Checkpoint by kind: chat, base, or gptq (the int4 one, quantized only when first asked for)."""
@@ -179,7 +167,7 @@ def test_qlora_nf4(runs, tiny_chat_checkpoint, batch):
     run, output = runs("nf4", "chat")
     assert run.plan.quantization == "nf4"
     helpers.assert_artifacts(output, adapter=True)
-    quantization = nf4_quantization()
+    quantization = helpers.nf4_quantization()
     base = helpers.load_artifact(tiny_chat_checkpoint, quantization_config=quantization, device_map="cpu")
     helpers.assert_loss_fell(output, helpers.mean_supervised_loss(base, batch))
     # the adapter was trained on the NF4-quantized base: reload it on the same quantization
@@ -215,7 +203,9 @@ def test_kill_and_resume(runs, models, method, kind, data_file, workdir, batch):
     assert len(resumed) == len(uninterrupted) == STEPS
     assert resumed == pytest.approx(uninterrupted, rel=1e-4), (resumed, uninterrupted)
     assert helpers.final_eval_loss(output) == pytest.approx(helpers.final_eval_loss(reference), rel=1e-4)
-    reload = {"quantization_config": nf4_quantization(), "device_map": "cpu"} if method == "nf4" else {}
+    reload = (
+        {"quantization_config": helpers.nf4_quantization(), "device_map": "cpu"} if method == "nf4" else {}
+    )
     assert_same_logits(reference_run.trainer.model, output, batch, **reload)
 
 

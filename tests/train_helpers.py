@@ -249,6 +249,18 @@ def load_artifact(output_dir: Path, **kwargs: Any) -> torch.nn.Module:
     return model
 
 
+def nf4_quantization() -> Any:
+    """The quantization an NF4 adapter was trained on, to reload its base the same way."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
 def assert_loss_fell(output_dir: Path, base_loss: float, margin: float = 0.05) -> float:
     """The training loss went down (batches differ, so some later step is below the first) and the
     final eval loss on the whole data set is clearly below the untrained model's."""
