@@ -21,13 +21,6 @@ import train_helpers as helpers
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 STEPS = 4
-LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2, "nf4": 1e-2}
-METHOD_FLAGS = {
-    "full": [],
-    "lora": ["--use_lora"],
-    "qlora": ["--use_lora", "--q_lora"],
-    "nf4": ["--use_lora", "--q_lora", "--q_lora_backend", "nf4"],
-}
 SCRIPTS = helpers.REPO_ROOT / "finetune"
 
 
@@ -78,10 +71,10 @@ def flags(
         data,
         output,
         steps=STEPS,
-        learning_rate=LEARNING_RATE[method],
+        learning_rate=helpers.LEARNING_RATE[method],
         processes=processes,
         cache_dir=workdir / "data-cache",
-        extra=[*METHOD_FLAGS[method], *extra],
+        extra=[*helpers.METHOD_FLAGS[method], *extra],
     )
 
 
@@ -372,48 +365,17 @@ def kill_and_resume(reference: Path, argv: list[str], output: Path, workdir: Pat
     assert helpers.final_eval_loss(output) == pytest.approx(helpers.final_eval_loss(reference), rel=1e-4)
 
 
-def test_lora_zero2_kill_and_resume(lora_chat_zero2, workdir, batch):
-    reference, argv = lora_chat_zero2
-    output = workdir / "lora-chat-zero2-killed"
+@pytest.mark.parametrize(
+    "reference_run",
+    ["full_chat_zero2", "full_base_zero3", "lora_chat_zero2", "lora_base_zero3", "qlora_zero2", "nf4_zero2"],
+)
+def test_kill_and_resume(reference_run, workdir, batch, request):
+    """Every mode under DeepSpeed: full (ZeRO-2, ZeRO-3), LoRA (ZeRO-2), LoRA with trainable embeddings
+    (ZeRO-3, modules_to_save partitioned), GPTQ Q-LoRA (ZeRO-2, its reference ran through
+    finetune_qlora_ds.sh) and NF4 Q-LoRA (ZeRO-2)."""
+    reference, argv = request.getfixturevalue(reference_run)
+    output = workdir / f"{reference.name}-killed"
     kill_and_resume(reference, argv, output, workdir)
-    helpers.assert_reload_reproduces(output, batch)
-
-
-def test_full_zero3_kill_and_resume(full_base_zero3, workdir, batch):
-    reference, argv = full_base_zero3
-    output = workdir / "full-base-zero3-killed"
-    kill_and_resume(reference, argv, output, workdir)
-    helpers.assert_reload_reproduces(output, batch)
-
-
-def test_full_zero2_kill_and_resume(full_chat_zero2, workdir, batch):
-    reference, argv = full_chat_zero2
-    output = workdir / "full-chat-zero2-killed"
-    kill_and_resume(reference, argv, output, workdir)
-    helpers.assert_reload_reproduces(output, batch)
-
-
-def test_lora_zero3_kill_and_resume(lora_base_zero3, workdir, batch):
-    """LoRA with trainable embeddings (modules_to_save), ZeRO-3-partitioned."""
-    reference, argv = lora_base_zero3
-    output = workdir / "lora-base-zero3-killed"
-    kill_and_resume(reference, argv, output, workdir)
-    assert helpers.summary(output)["train_embeddings"] is True
-    helpers.assert_reload_reproduces(output, batch)
-
-
-def test_qlora_zero2_kill_and_resume(qlora_zero2, workdir, batch):
-    """The reference ran through finetune_qlora_ds.sh; the killed and resumed runs repeat its flags."""
-    reference, argv = qlora_zero2
-    output = workdir / "qlora-zero2-killed"
-    kill_and_resume(reference, argv, output, workdir)
-    helpers.assert_reload_reproduces(output, batch)
-
-
-def test_nf4_zero2_kill_and_resume(nf4_zero2, workdir, batch):
-    reference, argv = nf4_zero2
-    output = workdir / "nf4-zero2-killed"
-    kill_and_resume(reference, argv, output, workdir)
-    helpers.assert_reload_reproduces(
-        output, batch, quantization_config=helpers.nf4_quantization(), device_map="cpu"
-    )
+    assert helpers.summary(output)["train_embeddings"] == helpers.summary(reference)["train_embeddings"]
+    reload = {"quantization_config": helpers.nf4_quantization(), "device_map": "cpu"}
+    helpers.assert_reload_reproduces(output, batch, **(reload if reference_run == "nf4_zero2" else {}))

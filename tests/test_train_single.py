@@ -16,13 +16,6 @@ from qwen_finetune.train import TrainingRun, train
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2, "nf4": 1e-2}
-METHOD_FLAGS = {
-    "full": [],
-    "lora": ["--use_lora"],
-    "qlora": ["--use_lora", "--q_lora"],
-    "nf4": ["--use_lora", "--q_lora", "--q_lora_backend", "nf4"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +61,9 @@ def flags(
         data,
         output,
         steps=STEPS,
-        learning_rate=LEARNING_RATE[method],
+        learning_rate=helpers.LEARNING_RATE[method],
         cache_dir=workdir / "data-cache",
-        extra=[*METHOD_FLAGS[method], *extra],
+        extra=[*helpers.METHOD_FLAGS[method], *extra],
     )
 
 

@@ -23,6 +23,13 @@ PYTHON = sys.executable
 FINETUNE_PY = REPO_ROOT / "finetune.py"
 DS_ZERO2 = REPO_ROOT / "finetune" / "ds_config_zero2.json"
 DS_ZERO3 = REPO_ROOT / "finetune" / "ds_config_zero3.json"
+LEARNING_RATE = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2, "nf4": 1e-2}  # memorises the data in a few steps
+METHOD_FLAGS = {
+    "full": [],
+    "lora": ["--use_lora"],
+    "qlora": ["--use_lora", "--q_lora"],
+    "nf4": ["--use_lora", "--q_lora", "--q_lora_backend", "nf4"],
+}
 MAX_LENGTH = 64
 DATA_SIZE = 8
 
