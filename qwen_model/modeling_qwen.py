@@ -537,13 +537,12 @@ class QWenModel(QWenPreTrainedModel):
             or (attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())))
         ):
             return None
-        positions = position_ids.expand(batch, -1)
-        restarts = positions[:, 1:] != positions[:, :-1] + 1
-        if not bool(restarts.any()):
+        all_real = torch.ones(batch, position_ids.shape[-1], dtype=torch.bool, device=position_ids.device)
+        segments = _packed_segments(position_ids, all_real, batch)
+        if segments is None:
             return None
-        starts = F.pad(restarts, (1, 0), value=True).reshape(-1).nonzero().squeeze(1)
-        ends = torch.cat((starts[1:], starts.new_tensor([positions.numel()])))
-        return (ends - starts).tolist()
+        row_offsets = torch.arange(batch, device=segments.device)[:, None] * segments.shape[-1]
+        return torch.unique_consecutive(segments + row_offsets, return_counts=True)[1].tolist()
 
     def _causal_mask(
         self,

@@ -86,6 +86,17 @@ def torchrun_finetune(argv: list[str], processes: int = 2, script: Path = helper
     return helpers.run(helpers.torchrun(processes, script, argv, port=helpers.free_port()))
 
 
+def two_process_run(
+    method: str, checkpoint: Path, zero: int, name: str, data_file: Path, workdir: Path, extra=()
+) -> tuple[Path, list[str]]:
+    """Train on 2 processes under ZeRO-`zero` into workdir/name; returns the output dir and the flags,
+    so that a resume test can repeat the run."""
+    output = workdir / name
+    argv = flags(method, checkpoint, data_file, output, workdir, 2, [*extra, *deepspeed_flags(zero)])
+    torchrun_finetune(argv)
+    return output, argv
+
+
 def launch_script(name: str, model: Path, data: Path, argv: list[str], **env: str) -> str:
     """Run a finetune/*.sh script; `argv` are extra finetune.py flags (they override the script's)."""
     env.setdefault("MASTER_PORT", str(helpers.free_port()))
@@ -136,10 +147,7 @@ def check_run(output: Path, base: float, batch, *, adapter: bool, processes: int
 @pytest.fixture(scope="module")
 def full_chat_zero2(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
     """Full, chat model, ZeRO-2, 2 processes: a matrix cell and the reference of the resume test."""
-    output = workdir / "full-chat-zero2"
-    argv = flags("full", checkpoints["chat"], data_file, output, workdir, 2, deepspeed_flags(2))
-    torchrun_finetune(argv)
-    return output, argv
+    return two_process_run("full", checkpoints["chat"], 2, "full-chat-zero2", data_file, workdir)
 
 
 @pytest.mark.parametrize("kind", ["chat", "base"])
@@ -156,10 +164,7 @@ def test_full_zero2_two_processes(checkpoints, kind, data_file, workdir, batch, 
 @pytest.fixture(scope="module")
 def lora_chat_zero2(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
     """LoRA, chat model, ZeRO-2, 2 processes: a matrix cell and the reference of the resume test."""
-    output = workdir / "lora-chat-zero2"
-    argv = flags("lora", checkpoints["chat"], data_file, output, workdir, 2, deepspeed_flags(2))
-    torchrun_finetune(argv)
-    return output, argv
+    return two_process_run("lora", checkpoints["chat"], 2, "lora-chat-zero2", data_file, workdir)
 
 
 def test_lora_zero2_two_processes_chat(lora_chat_zero2, checkpoints, batch, base_loss):
@@ -213,11 +218,8 @@ def test_lora_zero2_base_on_two_nodes(checkpoints, data_file, workdir, batch, ba
 @pytest.fixture(scope="module")
 def full_base_zero3(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
     """Full, base model, ZeRO-3, 2 processes: a matrix cell and the reference of the resume test."""
-    output = workdir / "full-base-zero3"
-    extra = ["--max_shard_size", "30MB", *deepspeed_flags(3)]
-    argv = flags("full", checkpoints["base"], data_file, output, workdir, 2, extra)
-    torchrun_finetune(argv)
-    return output, argv
+    shards = ["--max_shard_size", "30MB"]
+    return two_process_run("full", checkpoints["base"], 3, "full-base-zero3", data_file, workdir, shards)
 
 
 @pytest.mark.parametrize("kind", ["chat", "base"])
@@ -239,10 +241,7 @@ def test_full_zero3_two_processes(checkpoints, kind, data_file, workdir, batch, 
 def lora_base_zero3(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
     """LoRA with trainable wte/lm_head (auto: base model), ZeRO-3, 2 processes: a matrix cell and the
     reference of the resume test."""
-    output = workdir / "lora-base-zero3"
-    argv = flags("lora", checkpoints["base"], data_file, output, workdir, 2, deepspeed_flags(3))
-    torchrun_finetune(argv)
-    return output, argv
+    return two_process_run("lora", checkpoints["base"], 3, "lora-base-zero3", data_file, workdir)
 
 
 @pytest.mark.parametrize("kind", ["chat", "base"])
@@ -297,10 +296,7 @@ def test_qlora_zero2_two_processes(qlora_zero2, tiny_gptq_checkpoint, batch, bas
 def nf4_zero2(checkpoints, data_file, workdir) -> tuple[Path, list[str]]:
     """Q-LoRA on a bitsandbytes NF4 base, ZeRO-2, 2 processes: a run of its own and the reference of
     the resume test."""
-    output = workdir / "nf4-zero2"
-    argv = flags("nf4", checkpoints["chat"], data_file, output, workdir, 2, deepspeed_flags(2))
-    torchrun_finetune(argv)
-    return output, argv
+    return two_process_run("nf4", checkpoints["chat"], 2, "nf4-zero2", data_file, workdir)
 
 
 def test_nf4_zero2_two_processes(nf4_zero2, checkpoints, batch, base_loss):
