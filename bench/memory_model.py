@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from qwen_model.modeling_qwen import LOSS_CHUNK_TOKENS
+from qwen_model.chunked_loss import LOSS_CHUNK_TOKENS
 
 GB = 1e9
 LORA_RANK = 64

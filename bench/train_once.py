@@ -35,8 +35,8 @@ from transformers import TrainerCallback
 from qwen_finetune.args import parse_args
 from qwen_finetune.modeling import count_parameters, load_model, load_tokenizer, plan_training
 from qwen_finetune.train import QwenTrainer
+from qwen_model.chunked_loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 WARM_UP_MICRO_BATCHES = 1
 
 

@@ -19,14 +19,11 @@ import transformers
 from transformers.trainer_utils import IntervalStrategy
 
 from qwen_finetune.data.args import DataArguments
+from qwen_finetune.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "w1", "w2")
-
-
-class ArgumentError(ValueError):
-    """A flag, or a combination of flags, that cannot work; the message says how to fix it."""
 
 
 @dataclass

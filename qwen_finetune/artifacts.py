@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from qwen_finetune.errors import OutputDirError
+from qwen_model.configuration_qwen import PRECISION_FLAG_DTYPES
+
 # Tokenizer files of a Qwen checkpoint (the extra vocabulary only exists when a user added one).
 TOKENIZER_FILES = ("qwen.tiktoken", "qwen_extra.tiktoken", "tokenizer_config.json", "special_tokens_map.json")
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -27,7 +30,6 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # Written by run_gptq.py next to a GPTQ checkpoint; records the full-precision source model.
 QUANTIZE_REPORT_FILE = "quantize_report.json"
-PRECISION_FLAGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPES_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,10 +41,6 @@ def log_to_stderr(prefix: str) -> None:
     package_logger.handlers[:] = [handler]
     package_logger.setLevel(logging.INFO)
     package_logger.propagate = False
-
-
-class OutputDirError(ValueError):
-    """The output directory cannot be used as asked (not empty, not writable, overlaps an input)."""
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -195,7 +193,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def checkpoint_dtype(config: Any) -> torch.dtype:
     """The dtype a checkpoint's weights are stored in: its bf16/fp16/fp32 flag, else its `dtype` field."""
-    for flag, dtype in PRECISION_FLAGS.items():
+    for flag, dtype in PRECISION_FLAG_DTYPES.items():
         if getattr(config, flag, False) is True:
             return dtype
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -214,6 +212,6 @@ def set_precision_flags(config: Any, dtype: torch.dtype) -> None:
     loading follows the `dtype` field.
     """
     config.dtype = dtype
-    if any(getattr(config, flag, False) is True for flag in PRECISION_FLAGS):
-        for flag, flag_dtype in PRECISION_FLAGS.items():
+    if any(getattr(config, flag, False) is True for flag in PRECISION_FLAG_DTYPES):
+        for flag, flag_dtype in PRECISION_FLAG_DTYPES.items():
             setattr(config, flag, flag_dtype == dtype)

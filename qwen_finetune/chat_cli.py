@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen_model.chat_format import DEFAULT_SYSTEM_PROMPT
+
 from .artifacts import is_adapter_dir, read_json
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 WELCOME = "Qwen chat. Type a message, or :help for commands (:clear to forget the history, :exit to quit)."
 
 
@@ -296,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--adapter", default=None, help="LoRA / Q-LoRA adapter directory to apply to the model"
     )
-    parser.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt (default: %(default)r)")
+    parser.add_argument(
+        "--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt (default: %(default)r)"
+    )
     parser.add_argument("--query", default=None, help="answer this one query, print the response and exit")
     parser.add_argument("-s", "--seed", type=int, default=1234, help="random seed set before each reply")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="longest reply in tokens")

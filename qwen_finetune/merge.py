@@ -36,6 +36,7 @@ from .artifacts import (
     staged_output_dir,
     write_portable_code,
 )
+from .errors import ToolkitError
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             dtype=args.dtype,
         )
-    except (ValueError, OSError, MergeCheckError) as error:
+    except (ToolkitError, ValueError, OSError, MergeCheckError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     print(f"merged {report['adapter_dir']} into {report['base_model_path']}")

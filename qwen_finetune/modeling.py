@@ -17,12 +17,12 @@ from typing import Any, Literal
 import torch
 
 import qwen_model  # noqa: F401  (registers the Qwen classes with transformers' Auto factories)
-from qwen_finetune.args import ArgumentError, LoraArguments, ModelArguments, TrainingArguments
+from qwen_finetune.args import LoraArguments, ModelArguments, TrainingArguments
+from qwen_finetune.errors import ArgumentError
+from qwen_model.tokenization_qwen import IM_END_ID, IM_START_ID
 
 logger = logging.getLogger(__name__)
 
-IM_START_ID = 151644
-IM_END_ID = 151645
 FIRST_UNUSED_ID = 151851  # len(tokenizer): embedding rows from here on have no token and are never trained
 EMBEDDING_MODULES = ["wte", "lm_head"]
 WTE_WEIGHT = "transformer.wte.weight"

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwen_model.chat_format import DEFAULT_SYSTEM_PROMPT
+from qwen_model.chunked_loss import IGNORE_INDEX
+
 from .artifacts import (
     QUANTIZE_REPORT_FILE,
     check_output_dir,
@@ -39,6 +42,7 @@ from .artifacts import (
     write_portable_code,
 )
 from .data.args import split_paths
+from .errors import ToolkitError
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +284,7 @@ def held_out_loss(model: Any, samples: list[Sample]) -> dict[str, float]:
     model.eval()
     total, tokens = 0.0, 0
     for sample in samples:
-        supervised = sum(1 for label in sample.labels[1:] if label != -100)
+        supervised = sum(1 for label in sample.labels[1:] if label != IGNORE_INDEX)
         if supervised == 0:
             continue
         output = model(
@@ -324,7 +328,7 @@ def quantize_checkpoint(
     dtype: str = "float16",
     max_shard_size: str = "4GB",
     data_format: str = "auto",
-    system_message: str = "You are a helpful assistant.",
+    system_message: str = DEFAULT_SYSTEM_PROMPT,
     data_cache_dir: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -491,9 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "qwen", "sharegpt", "openai", "alpaca"],
         help="input format",
     )
-    parser.add_argument(
-        "--system_message", default="You are a helpful assistant.", help="default system prompt"
-    )
+    parser.add_argument("--system_message", default=DEFAULT_SYSTEM_PROMPT, help="default system prompt")
     parser.add_argument(
         "--data_cache_dir",
         default=None,
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             data_cache_dir=args.data_cache_dir,
             seed=args.seed,
         )
-    except (ValueError, OSError, MissingDependencyError) as error:
+    except (ToolkitError, ValueError, OSError, MissingDependencyError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     print(format_loss_table(report))

@@ -24,16 +24,17 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from qwen_finetune.args import ArgumentError, LoraArguments, ModelArguments, TrainingArguments, parse_args
+from qwen_finetune.args import LoraArguments, ModelArguments, TrainingArguments, parse_args
 from qwen_finetune.checkpoint import save_checkpoint_dir
 from qwen_finetune.data import DataArguments, DataError, make_supervised_data, run_check_data
 from qwen_finetune.data.collate import ROW_LENGTHS
+from qwen_finetune.errors import ArgumentError, ToolkitError
 from qwen_finetune.modeling import TrainingPlan, count_parameters, load_model, load_tokenizer, plan_training
+from qwen_model.chunked_loss import IGNORE_INDEX
 
 logger = logging.getLogger("qwen_finetune")
 
 SUMMARY_FILE = "train_summary.json"
-IGNORE_INDEX = -100
 BOOKKEEPING_KEYS = (ROW_LENGTHS,)  # batch entries for the trainer only, never model arguments
 
 
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         model_args, data_args, training_args, lora_args = parse_args(argv)
-    except ValueError as error:  # a flag value __post_init__ rejected
+    except (ToolkitError, ValueError) as error:  # a flag value __post_init__ rejected
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     try:

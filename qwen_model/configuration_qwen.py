@@ -5,7 +5,11 @@ checkpoint directory loads unchanged. Fields this file does not know are kept as
 written back on save), like every transformers config.
 """
 
+import torch
 from transformers import PreTrainedConfig
+
+# The original switches for the dtype a checkpoint is stored and loaded in (config.json "bf16": true, ...).
+PRECISION_FLAG_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class QWenConfig(PreTrainedConfig):

@@ -19,6 +19,8 @@ FLAT_MODEL_FILES = (
     "modeling_qwen.py",
     "tokenization_qwen.py",
     "qwen_generation_utils.py",
+    "chunked_loss.py",
+    "chat_format.py",
 )
 CONFIG_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",

@@ -21,7 +21,8 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
+from .chat_format import DEFAULT_SYSTEM_PROMPT
+
 DEFAULT_MAX_WINDOW_SIZE = 6144
 History = list[tuple[str, str]]
 
@@ -51,7 +52,7 @@ def make_context(
     tokenizer: Any,
     query: str,
     history: Sequence[Sequence[str]] | None = None,
-    system: str = DEFAULT_SYSTEM,
+    system: str = DEFAULT_SYSTEM_PROMPT,
     max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
     chat_format: str = "chatml",
 ) -> tuple[str, list[int]]:
@@ -175,7 +176,7 @@ def chat(
     tokenizer: Any,
     query: str,
     history: Sequence[Sequence[str]] | None = None,
-    system: str = DEFAULT_SYSTEM,
+    system: str = DEFAULT_SYSTEM_PROMPT,
     generation_config: GenerationConfig | None = None,
     **generate_kwargs: Any,
 ) -> tuple[str, History]:
@@ -247,7 +248,7 @@ def chat_stream(
     tokenizer: Any,
     query: str,
     history: Sequence[Sequence[str]] | None = None,
-    system: str = DEFAULT_SYSTEM,
+    system: str = DEFAULT_SYSTEM_PROMPT,
     generation_config: GenerationConfig | None = None,
     **generate_kwargs: Any,
 ) -> Iterator[str]:

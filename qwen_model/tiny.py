@@ -30,11 +30,10 @@ from transformers import GenerationConfig
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel
 from .portable import write_portable_code
-from .tokenization_qwen import QWenTokenizer
+from .tokenization_qwen import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, QWenTokenizer
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 VOCAB_ROWS = 151936
-ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 
 
 @dataclass(frozen=True)

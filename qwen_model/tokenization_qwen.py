@@ -34,6 +34,7 @@ IM_END = "<|im_end|>"
 FIRST_SPECIAL_ID = 151643
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *(f"<|extra_{i}|>" for i in range(205)))
 SPECIAL_IDS = {token: FIRST_SPECIAL_ID + offset for offset, token in enumerate(SPECIAL_TOKENS)}
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = (SPECIAL_IDS[token] for token in (ENDOFTEXT, IM_START, IM_END))
 SPECIAL_ID_RANGE = range(FIRST_SPECIAL_ID, FIRST_SPECIAL_ID + len(SPECIAL_TOKENS))
 
 

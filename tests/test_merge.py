@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_finetune.artifacts import OutputDirError
+from qwen_finetune.errors import OutputDirError
 from qwen_finetune.merge import AdapterError, QuantizedBaseError, main, merge_adapter
 
 LORA_TARGETS = ["c_attn", "c_proj", "w1", "w2"]

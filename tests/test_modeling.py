@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+import qwen_model.chunked_loss as chunked_loss
 import qwen_model.modeling_qwen as modeling_qwen
 from qwen_model import QWenConfig, QWenLMHeadModel, QWenModel, QWenTokenizer
 
@@ -397,7 +398,7 @@ def _loss_and_grads(model: QWenLMHeadModel, **inputs) -> tuple[torch.Tensor, dic
 
 
 def test_chunked_training_loss_equals_full_logits_loss(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(modeling_qwen, "LOSS_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(chunked_loss, "LOSS_CHUNK_TOKENS", 4)
     model = random_model().train()
     input_ids = random_ids(2, 12)
     labels = input_ids.clone()
@@ -427,11 +428,11 @@ def test_fused_loss_of_a_plain_lm_head_equals_full_logits_loss(
 ) -> None:
     """A plain lm_head takes the fused path (gradients formed in the forward pass, scaled in backward):
     same loss and gradients as full logits, for a trained and a frozen lm_head, under a loss scale."""
-    monkeypatch.setattr(modeling_qwen, "LOSS_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(chunked_loss, "LOSS_CHUNK_TOKENS", 4)
     fused_calls = []
-    real_fusable = modeling_qwen._fusable_weight
+    real_fusable = chunked_loss._fusable_weight
     monkeypatch.setattr(
-        modeling_qwen, "_fusable_weight", lambda project: fused_calls.append(1) or real_fusable(project)
+        chunked_loss, "_fusable_weight", lambda project: fused_calls.append(1) or real_fusable(project)
     )
     model = random_model().train()
     model.lm_head.weight.requires_grad_(train_lm_head)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_finetune.artifacts import OutputDirError
 from qwen_finetune.data import DataError
+from qwen_finetune.errors import OutputDirError
 from qwen_finetune.quantize import (
     MissingDependencyError,
     QuantizeError,

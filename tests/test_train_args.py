@@ -14,7 +14,8 @@ import torch
 import train_helpers as helpers
 
 from qwen_finetune import train as train_module
-from qwen_finetune.args import ArgumentError, build_parser, load_deepspeed_config, parse_args
+from qwen_finetune.args import build_parser, load_deepspeed_config, parse_args
+from qwen_finetune.errors import ArgumentError
 from qwen_finetune.modeling import IM_END_ID, IM_START_ID, decide_train_embeddings, read_checkpoint
 from qwen_finetune.train import TokenMeter, format_log_line, main
 

@@ -219,7 +219,7 @@ def test_tensorboard_and_overwrite_guard(tiny_chat_checkpoint, data_file, workdi
     train_in_process(argv)
     assert list((output / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
-    from qwen_finetune.args import ArgumentError
+    from qwen_finetune.errors import ArgumentError
 
     with pytest.raises(ArgumentError, match="exists and is not empty"):
         train_in_process(argv)

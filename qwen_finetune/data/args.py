@@ -10,10 +10,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen_model.chat_format import DEFAULT_SYSTEM_PROMPT
+
 DATA_FORMATS = ("auto", "qwen", "sharegpt", "openai", "alpaca")
 LABEL_POLICIES = ("qwen", "assistant_only")
 TRUNCATION_POLICIES = ("drop_turns", "cut")
-DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 
 
 def default_data_cache_dir() -> Path:
@@ -63,7 +64,7 @@ class DataArguments:
         },
     )
     system_message: str = field(
-        default=DEFAULT_SYSTEM_MESSAGE,
+        default=DEFAULT_SYSTEM_PROMPT,
         metadata={"help": "System prompt for samples that do not carry their own."},
     )
     label_policy: str = field(

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qwen_model.chunked_loss import IGNORE_INDEX
+
 from .turns import ASSISTANT_ROLE, Turn
 
-IGNORE_INDEX = -100
 SKIP_TOO_LONG = "too_long"
 SKIP_NOTHING_LEFT_AFTER_CUT = "nothing_to_learn_after_cut"
 SKIP_REASONS = {

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwen_finetune.errors import ToolkitError
 
-class DataError(ValueError):
+
+class DataError(ToolkitError):
     """Bad input data. The message names the file, the sample (index and id), the field, the problem
     and the fix, so a user can correct the file without reading our code. The parts are kept as
     attributes too, for tests and for callers that want to format differently."""
