@@ -1,7 +1,10 @@
 """What one benchmark configuration is, and the finetune.py flags that train it.
 
-A configuration is (mode, batching, model_max_length). Modes are the toolkit's training methods on the
-`small` model; batching is how samples become rows:
+A configuration is (mode, batching, model_max_length), plus the model (the `small` one, or a released
+architecture with random weights), the trainer (the toolkit, or TRL as a peer with the same data,
+adapters, optimizer and token budget) and the stage (supervised fine-tuning, or DPO on preference pairs:
+`--stage dpo` against TRL's DPOTrainer, 2 pairs per micro-batch x 4, batching "pairs"). Modes are the
+toolkit's training methods; batching is how samples become rows:
 
     padded   the original recipe: every sample padded to model_max_length, no grouping, and the loss
              computed as the original modeling did: full float32 logits, a shifted contiguous copy,
@@ -32,7 +35,31 @@ DATA_FILES = (
 ALPACA_FILE = DATA_FILES[0]
 
 MODES = ("full", "lora", "lora_emb", "qlora_int4", "nf4")
-BATCHINGS = ("padded", "grouped", "packed")
+BATCHINGS = ("padded", "grouped", "packed", "pairs")
+# What trains: supervised fine-tuning on conversations, or DPO (the sigmoid preference loss, beta 0.1)
+# on chosen / rejected pairs, with a reference that is the policy with its adapter switched off.
+STAGES = ("sft", "dpo")
+DPO_DATA_FILES = (DATA_DIR / "llamafactory_dpo_en_demo.json",)
+DPO_MAX_LENGTH = 1024  # TRL's default for DPO; the longest pair of the demo data fits
+DPO_PAIRS_PER_MICRO_BATCH = 2  # each pair is two sequences, chosen and rejected, padded together
+DPO_ACCUMULATION_STEPS = 4
+DPO_BETA = 0.1
+# Who trains: the toolkit (finetune.py's path, bench/train_once.py) or a peer a user could pick instead
+# (bench/trl_once.py).
+TRAINERS = ("toolkit", "trl")
+TRAINER_LABELS = {"toolkit": "toolkit", "trl": "TRL SFTTrainer"}
+SMALL_MODEL = "small"
+# Released architectures with random weights (`python -m qwen_model.tiny --size ...`), run for a few
+# micro-batches each: (model, mode, model_max_length).
+REAL_SHAPE_RUNS = (
+    ("qwen-1.8b", "lora", 512),
+    ("qwen-1.8b", "lora", 2048),
+    ("qwen-1.8b", "nf4", 512),
+    ("qwen-1.8b", "nf4", 2048),
+    ("qwen-1.8b", "full", 512),
+    ("qwen-7b", "nf4", 512),
+)
+REAL_SHAPE_MICRO_BATCHES = 3  # one warm-up, two measured
 BASELINE_ACCUMULATION_STEPS = 8
 GROUPED_SAMPLES_PER_MICRO_BATCH = 2
 GROUPED_ACCUMULATION_STEPS = 4
@@ -40,6 +67,8 @@ TOKENS_PER_STEP = 2048
 SEED = 42
 LEARNING_RATE = {"full": 1e-5}  # LoRA-style modes use DEFAULT_LEARNING_RATE
 DEFAULT_LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 0.1
+ADAM_BETA2 = 0.95  # the original recipe's; every trainer of the benchmark uses the same AdamW settings
 MODE_LABELS = {
     "full": "full",
     "lora": "LoRA",
@@ -51,6 +80,7 @@ BATCHING_LABELS = {
     "padded": "baseline (pad to max, full logits)",
     "grouped": "dynamic padding + length grouping",
     "packed": "packing",
+    "pairs": "preference pairs, dynamic padding",
 }
 
 
@@ -60,18 +90,39 @@ class BenchConfig:
     batching: str
     max_length: int
     steps: int  # optimizer steps run; the first micro-batch is the warm-up, the rest is measured
+    model: str = SMALL_MODEL  # `python -m qwen_model.tiny --size` of the checkpoint trained
+    trainer: str = "toolkit"
+    # --gradient_checkpointing: only for released shapes that the memory plan says do not fit without it
+    checkpointing: bool = False
+    stage: str = "sft"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: choose from {', '.join(MODES)}")
         if self.batching not in BATCHINGS:
             raise ValueError(f"unknown batching {self.batching!r}: choose from {', '.join(BATCHINGS)}")
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"unknown trainer {self.trainer!r}: choose from {', '.join(TRAINERS)}")
         if self.batching == "packed" and TOKENS_PER_STEP % self.max_length:
             raise ValueError(f"packed rows of {self.max_length} tokens do not divide {TOKENS_PER_STEP}")
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}: choose from {', '.join(STAGES)}")
+        if (self.stage == "dpo") != (self.batching == "pairs"):
+            raise ValueError("preference pairs are the batching of DPO, and only of DPO")
+        if self.stage == "dpo" and self.mode != "lora":
+            raise ValueError("DPO runs LoRA (its reference is the policy with the adapter switched off)")
+        if self.trainer == "trl" and self.stage == "sft" and (self.mode, self.batching) != ("lora", "packed"):
+            raise ValueError("the TRL peer runs LoRA on packed rows (its best CPU setting)")
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-{self.batching}-{self.max_length}"
+        prefix = [
+            part
+            for part, default in ((self.trainer, "toolkit"), (self.stage, "sft"), (self.model, SMALL_MODEL))
+            if part != default
+        ]
+        suffix = ["gc"] if self.checkpointing else []
+        return "-".join([*prefix, self.mode, self.batching, str(self.max_length), *suffix])
 
     @property
     def is_baseline(self) -> bool:
@@ -83,6 +134,8 @@ class BenchConfig:
             return 1, TOKENS_PER_STEP // self.max_length
         if self.batching == "grouped":
             return GROUPED_SAMPLES_PER_MICRO_BATCH, GROUPED_ACCUMULATION_STEPS
+        if self.batching == "pairs":
+            return DPO_PAIRS_PER_MICRO_BATCH, DPO_ACCUMULATION_STEPS
         return 1, BASELINE_ACCUMULATION_STEPS
 
     def to_dict(self) -> dict[str, object]:
@@ -90,9 +143,10 @@ class BenchConfig:
 
 
 def default_matrix(
-    modes: list[str], lengths: list[int], steps: int, baseline_steps: int, baseline: bool
+    modes: list[str], lengths: list[int], steps: int, baseline_steps: int, baseline: bool, peers: bool
 ) -> list[BenchConfig]:
-    """Per length: the baseline and grouped LoRA runs (the targets compare them), then every mode packed.
+    """Per length, on the small model: the baseline, TRL's SFTTrainer and grouped LoRA runs (the targets
+    compare them), then every mode packed.
 
     The baseline gets its own (smaller) step count: its micro-batches all have the same shape, so their
     time does not depend on the samples in them, and at 2048 one step costs minutes on 2 cores.
@@ -101,10 +155,32 @@ def default_matrix(
     for length in lengths:
         if baseline and "lora" in modes:
             configs.append(BenchConfig("lora", "padded", length, baseline_steps))
+        if peers and "lora" in modes:
+            configs.append(BenchConfig("lora", "packed", length, steps, trainer="trl"))
         if "lora" in modes:
             configs.append(BenchConfig("lora", "grouped", length, steps))
         configs += [BenchConfig(mode, "packed", length, steps) for mode in modes]
     return configs
+
+
+def dpo_matrix(steps: int, peers: bool) -> list[BenchConfig]:
+    """DPO with LoRA on the small model: the toolkit's `--stage dpo` and, as its peer, TRL's DPOTrainer."""
+    trainers = ("toolkit", "trl") if peers else ("toolkit",)
+    return [BenchConfig("lora", "pairs", DPO_MAX_LENGTH, steps, trainer=who, stage="dpo") for who in trainers]
+
+
+def real_shape_matrix(micro_batches: int = REAL_SHAPE_MICRO_BATCHES) -> list[BenchConfig]:
+    """The released architectures, packed, for about `micro_batches` micro-batches each (whole steps)."""
+    configs = []
+    for model, mode, length in REAL_SHAPE_RUNS:
+        accumulation = TOKENS_PER_STEP // length
+        steps = max(1, -(-micro_batches // accumulation))
+        configs.append(BenchConfig(mode, "packed", length, steps, model=model))
+    return configs
+
+
+def learning_rate(config: BenchConfig) -> float:
+    return LEARNING_RATE.get(config.mode, DEFAULT_LEARNING_RATE)
 
 
 def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_dir: Path) -> list[str]:
@@ -119,7 +195,7 @@ def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_
         "--model_name_or_path",
         str(checkpoint),
         "--data_path",
-        ",".join(str(path) for path in DATA_FILES),
+        ",".join(str(path) for path in (DPO_DATA_FILES if config.stage == "dpo" else DATA_FILES)),
         "--model_max_length",
         str(config.max_length),
         "--output_dir",
@@ -132,13 +208,13 @@ def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_
         "--max_steps",
         str(config.steps),
         "--learning_rate",
-        str(LEARNING_RATE.get(config.mode, DEFAULT_LEARNING_RATE)),
+        str(learning_rate(config)),
         "--lr_scheduler_type",
         "constant",
         "--weight_decay",
-        "0.1",
+        str(WEIGHT_DECAY),
         "--adam_beta2",
-        "0.95",
+        str(ADAM_BETA2),
         "--logging_steps",
         "1000000",
         "--save_strategy",
@@ -157,12 +233,16 @@ def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_
         flags += ["--pad_to_max_length"]
     elif config.batching == "grouped":
         flags += ["--train_sampling_strategy", "group_by_length"]
-    else:
+    elif config.batching == "packed":
         flags += ["--packing"]
+    if config.stage == "dpo":
+        flags += ["--stage", "dpo", "--pref_loss", "sigmoid", "--pref_beta", str(DPO_BETA)]
     if config.mode != "full":
         flags += ["--use_lora", "--train_embeddings", "yes" if config.mode == "lora_emb" else "no"]
     if config.mode == "qlora_int4":
         flags += ["--q_lora"]
     if config.mode == "nf4":
         flags += ["--q_lora", "--q_lora_backend", "nf4"]
+    if config.checkpointing:
+        flags += ["--gradient_checkpointing"]
     return flags

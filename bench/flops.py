@@ -27,15 +27,20 @@ not counted (as usual). Q-LoRA's dequantisation is not counted: its matmuls coun
 "Executed" FLOPs (a second figure) count what the implementation actually multiplies: the baseline runs
 the blocks and the output layer on every padded position; a padded or grouped row runs masked attention
 over its full width (all W^2 pairs); a packed row runs causal attention per sample (as model FLOPs). The
-chunked loss projects supervised positions only: the fused loss of a plain lm_head forms the gradients in
-the same pass (forward, input gradient, weight gradient when trained), while a wrapped lm_head (LoRA+emb:
-PEFT modules_to_save) is checkpointed per chunk and runs its forward a second time in backward.
+toolkit's chunked loss projects supervised positions only and forms the gradients in the same pass
+(forward, input gradient, weight gradient when trained; with trainable embeddings too, since the fused
+loss resolves PEFT's wrapped lm_head). TRL's loss on CPU projects every position and recomputes the
+projection in backward (`OutputLayerWork`); the toolkit's preference log-probabilities project answer
+positions only, checkpointed per chunk.
+
+DPO adds the reference pass (the policy with its adapter switched off, no gradients) over the same
+sequences: 2*N_blocks*T + 2*V*h*S + a third of the attention, to the model FLOPs as to the executed ones.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -103,14 +108,27 @@ def unneeded_input_gradient(shape: ModelShape, mode: str, lora_rank: int, positi
     return 2 * positions * (inputs * outputs + lora_rank * inputs)
 
 
-def model_flops(shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens) -> float:
-    """FLOPs the step needs for its real tokens (see the module docstring)."""
+def reference_forward_flops(shape: ModelShape, tokens: StepTokens, projected: int, attention: float) -> float:
+    """DPO's reference pass (the policy with its adapter switched off): the blocks' forward, the output
+    layer on `projected` positions, a third of the attention's training FLOPs."""
+    return 2 * shape.block_weights * tokens.real_tokens + 2 * shape.output_weights * projected + attention / 3
+
+
+def model_flops(
+    shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens, reference_forward: bool = False
+) -> float:
+    """FLOPs the step needs for its real tokens (see the module docstring), with DPO's reference pass
+    over the same sequences when `reference_forward`."""
     attention = 6 * shape.layers * shape.attention_width * tokens.sum_squared_segments
+    reference = (
+        reference_forward_flops(shape, tokens, tokens.supervised, attention) if reference_forward else 0
+    )
     if mode == "full":
         return (
             6 * shape.block_weights * tokens.real_tokens
             + 6 * shape.output_weights * tokens.supervised
             + attention
+            + reference
         )
     output_factor = 6 if mode == "lora_emb" else 4
     return (
@@ -119,14 +137,41 @@ def model_flops(shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens
         - unneeded_input_gradient(shape, mode, lora_rank, tokens.real_tokens)
         + output_factor * shape.output_weights * tokens.supervised
         + attention
+        + reference
     )
 
 
+@dataclass(frozen=True)
+class OutputLayerWork:
+    """How a loss runs the output layer: on every position or on supervised ones only, and whether its
+    backward recomputes the projection (a checkpointed loss) or not."""
+
+    every_position: bool
+    recomputed: bool
+
+
+ORIGINAL_LOSS = OutputLayerWork(every_position=True, recomputed=False)  # full logits (the baseline)
+FUSED_LOSS = OutputLayerWork(every_position=False, recomputed=False)  # the toolkit's chunked loss
+# The toolkit's preference log-probabilities: answer positions only, each chunk checkpointed.
+CHECKPOINTED_LOSS = OutputLayerWork(every_position=False, recomputed=True)
+# TRL's chunked log-probabilities: on CPU every position is projected (only its Triton path on a GPU
+# skips unsupervised ones), and backward recomputes each tile's logits.
+TRL_CPU_LOSS = OutputLayerWork(every_position=True, recomputed=True)
+
+
 def executed_flops(
-    shape: ModelShape, mode: str, lora_rank: int, tokens: StepTokens, full_logits: bool, packed: bool
+    shape: ModelShape,
+    mode: str,
+    lora_rank: int,
+    tokens: StepTokens,
+    output: OutputLayerWork,
+    packed: bool,
+    checkpointing: bool = False,
+    reference_forward: bool = False,
 ) -> float:
-    """FLOPs the implementation runs: padding included, masked attention over whole unpacked rows,
-    the recomputed projection of a checkpointed loss (see the module docstring)."""
+    """FLOPs the implementation runs: padding included, masked attention over whole unpacked rows, the
+    output layer as `output` says, each block's forward twice with activation checkpointing, DPO's
+    reference pass over the same rows (see the module docstring)."""
     positions = tokens.padded_tokens
     if packed:
         attention = 6 * shape.layers * shape.attention_width * tokens.sum_squared_segments
@@ -137,13 +182,19 @@ def executed_flops(
     if mode != "full":
         blocks += 6 * shape.lora_weights(lora_rank) * positions
         blocks -= unneeded_input_gradient(shape, mode, lora_rank, positions)
-    weight_gradient = 2 if mode in ("full", "lora_emb") else 0
-    if full_logits:  # forward and input gradient over every position, weight gradient too when trained
-        output = (4 + weight_gradient) * shape.output_weights * positions
-    else:  # on supervised positions only: forward, input gradient, and the recomputed forward if wrapped
-        recomputed = 2 if mode == "lora_emb" else 0
-        output = (4 + recomputed + weight_gradient) * shape.output_weights * tokens.supervised
-    return blocks + output + attention
+    if checkpointing:  # the recomputed forward: 2 FLOPs per weight and position, a third of attention
+        blocks += (
+            2 * (shape.block_weights + (shape.lora_weights(lora_rank) if mode != "full" else 0)) * positions
+        )
+        attention += attention // 3
+    # forward and input gradient, the recomputed forward, the weight gradient when trained
+    factor = 4 + (2 if output.recomputed else 0) + (2 if mode in ("full", "lora_emb") else 0)
+    projected = positions if output.every_position else tokens.supervised
+    executed: float = blocks + factor * shape.output_weights * projected + attention
+    if reference_forward:
+        padded = replace(tokens, real_tokens=positions)
+        executed += reference_forward_flops(shape, padded, projected, attention)
+    return executed
 
 
 def matmul_peak_flops(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> dict[str, Any]:
@@ -165,7 +216,7 @@ def matmul_peak_flops(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -
             torch.matmul(a, b, out=out)
             rates.append(2 * size**3 / (time.perf_counter() - started))
         best[size] = max(rates)
-    peak_size = max(best, key=best.get)
+    peak_size = max(best, key=lambda size: best[size])
     return {
         "peak_flops": best[peak_size],
         "peak_size": peak_size,

@@ -24,7 +24,7 @@ from configs import ALPACA_FILE
 from memory import emit_result
 
 from qwen_finetune.data import DataArguments, make_supervised_data
-from qwen_finetune.modeling import load_tokenizer
+from qwen_finetune.model_loading import load_tokenizer
 
 MAX_LENGTH = 2048
 
