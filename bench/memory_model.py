@@ -1,137 +1,275 @@
-"""On-paper GPU memory per training mode for the released Qwen sizes, one sequence of N tokens.
+"""The memory plan next to the original Qwen README's A100 profiling table, for the original recipe.
 
-    python bench/memory_model.py [--tokens 2048]
+    python bench/memory_model.py              # print the Markdown table
+    python bench/memory_model.py --update docs/memory_plan.md   # rewrite the table inside that page
 
-Prints the Markdown table of bench/README.md ("On paper, for GPU users"). Everything is an estimate in
-GB (1e9 bytes) for one GPU, batch 1, bf16 compute, AdamW; the terms and their assumptions:
+Every figure of the README's "Profiling of Memory and Speed" table (Qwen-1.8B/7B/14B/72B; LoRA,
+LoRA (emb), Q-LoRA, full-parameter; 256 to 8192 tokens; one A100-SXM4-80G unless stated) is planned
+with the toolkit's own plan (`qwen_finetune.memory_plan.plan_run`) from the original launch scripts'
+settings: the released config.json of each size (written without weights by qwen_model.tiny's
+shapes), the script's flags with the profiling's batch size 1 and gradient accumulation 8, rows as
+long as the sequence length (the original pads every sample to model_max_length), and the original
+loss over full logits. The README gives one figure for all GPUs of a multi-GPU run; the plan's
+per-GPU peak is multiplied by the GPU count to compare.
 
-    weights       bf16 (2 bytes/parameter); Q-LoRA: int4 GPTQ blocks (0.5 byte + 1/32 for group-128 fp16
-                  scales and zeros) with embeddings and lm_head kept in fp16/bf16.
-    trainable     LoRA r=64 on c_attn, attn.c_proj, w1, w2, mlp.c_proj, kept in fp32 by PEFT: weight 4,
-                  gradient 4, Adam moments 8 = 16 bytes/parameter. LoRA(emb) adds trainable copies of wte
-                  and lm_head (PEFT modules_to_save keeps the frozen original too) in bf16 with bf16 grads
-                  and Adam moments: 2 (copy) + 2 (grad) + 4 (moments) = 8 bytes/parameter.
-                  Full fine-tuning: bf16 weights + fp32 master + fp32 Adam + bf16 grads = 16 bytes/parameter
-                  (what ZeRO partitions across GPUs; shown for one GPU holding everything).
-    activations   per layer and token, bf16, flash attention (no L^2 term): the tensors a Qwen block keeps
-                  for backward, about 10 hidden-sized and 4 MLP-sized vectors plus the float32 RMSNorm inputs
-                  (2 x 4 bytes x hidden) and, for LoRA, 5 adapter inputs (dropout): ~ (2*(10h + 4m) + 8h
-                  + 10h) bytes. With gradient checkpointing only each block's input (2h bytes) is kept, plus
-                  one block's activations while it is recomputed.
-    logits        original: the full [N x vocab] bf16 logits, a contiguous shifted copy, the float32
-                  upcast inside the loss and its gradient: ~ N*vocab*(2 + 2 + 4 + 4) bytes.
-                  chunked (ours): one chunk of min(N, LOSS_CHUNK_TOKENS = 256) supervised positions in float32
-                  and its gradient: ~ chunk*vocab*8 bytes, whatever N is.
+    LoRA, LoRA (emb)   finetune_lora_single_gpu.sh: --bf16, --gradient_checkpointing, no DeepSpeed;
+                       (emb): a base model, so wte and lm_head train (modules_to_save)
+    Q-LoRA             finetune_qlora_single_gpu.sh: --fp16, --gradient_checkpointing, ZeRO-2, on the
+                       GPTQ Int4 chat model (group size 128)
+    full-parameter     finetune_ds.sh: --bf16, --gradient_checkpointing, ZeRO-3 (1.8B on 1 GPU, 7B on 2)
+    72B LoRA           finetune_lora_ds.sh with ds_config_zero3.json on 4 GPUs
+    7B LoRA multinode  finetune_lora_ds.sh (ZeRO-2) on 2 nodes x 2 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from qwen_model.chunked_loss import LOSS_CHUNK_TOKENS
+from qwen_finetune.args import parse_args
+from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run, plan_setup
+from qwen_model.tiny import tiny_config, tiny_generation_config
 
-GB = 1e9
-LORA_RANK = 64
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = REPO_ROOT / "finetune"
+LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+A100 = device_by_name("cuda", "NVIDIA A100-SXM4-80GB", 80 * 10**9, "bf16")
+A100_FP16 = device_by_name("cuda", "NVIDIA A100-SXM4-80GB", 80 * 10**9, "fp16")
+TABLE_START = "<!-- memory_model.py: table start -->"
+TABLE_END = "<!-- memory_model.py: table end -->"
+WITHIN = 0.20
 
 
 @dataclass(frozen=True)
-class Size:
-    name: str
-    hidden: int
-    layers: int
-    mlp: int  # intermediate_size // 2
-    vocab: int
-    published_2048: dict[str, str]  # the original README's single-A100 profile at 2048 tokens
+class Profile:
+    """One row of the README's table: the run, and its published (GB, s/it) per sequence length."""
 
-    @property
-    def block_parameters(self) -> int:
-        h, m = self.hidden, self.mlp
-        return self.layers * (h * 3 * h + h * h + 3 * h * m)
-
-    @property
-    def embedding_parameters(self) -> int:
-        return 2 * self.vocab * self.hidden
-
-    @property
-    def lora_parameters(self) -> int:
-        h, m = self.hidden, self.mlp
-        shapes = [(h, 3 * h), (h, h), (h, m), (h, m), (m, h)]
-        return self.layers * sum(LORA_RANK * (k + n) for k, n in shapes)
+    size: str
+    method: str  # README's label
+    kind: str  # "lora", "lora_emb", "qlora", "full"
+    gpus: int
+    nodes: int
+    published: dict[int, tuple[float, float]]
 
 
-# Released configs (hidden, layers, intermediate_size // 2, vocab rows) and the original's published
-# figures (README "Profiling of Memory and Speed", one A100-80G, batch 1, flash attention 2, gradient
-# checkpointing as in its LoRA scripts; 72B LoRA was on 4 GPUs with ZeRO-3, not comparable per GPU).
-SIZES = [
-    Size(
-        "1.8B", 2048, 24, 5504, 151936, {"lora": "11.0", "lora_emb": "15.1", "qlora": "7.8", "full": "43.5"}
+def _row(*pairs: tuple[float, float] | None) -> dict[int, tuple[float, float]]:
+    return {length: pair for length, pair in zip(LENGTHS, pairs) if pair is not None}
+
+
+# The README's figures (memory in GB summed over the run's GPUs, seconds per iteration of 8 sequences).
+PROFILES = [
+    Profile(
+        "1.8B",
+        "LoRA",
+        "lora",
+        1,
+        1,
+        _row((6.7, 1.0), (7.4, 1.0), (8.4, 1.1), (11.0, 1.7), (16.2, 3.3), (21.8, 6.8)),
     ),
-    Size("7B", 4096, 32, 11008, 151936, {"lora": "23.8", "lora_emb": "35.1", "qlora": "13.9", "full": "-"}),
-    Size("14B", 5120, 40, 13696, 152064, {"lora": "37.4", "lora_emb": "54.1", "qlora": "19.9", "full": "-"}),
-    Size("72B", 8192, 80, 24576, 152064, {"lora": "-", "lora_emb": "-", "qlora": "64.1", "full": "-"}),
+    Profile(
+        "1.8B",
+        "LoRA (emb)",
+        "lora_emb",
+        1,
+        1,
+        _row((13.7, 1.0), (14.0, 1.0), (14.0, 1.1), (15.1, 1.8), (19.7, 3.4), (27.7, 7.0)),
+    ),
+    Profile(
+        "1.8B",
+        "Q-LoRA",
+        "qlora",
+        1,
+        1,
+        _row((5.8, 1.4), (6.0, 1.4), (6.6, 1.4), (7.8, 2.0), (10.2, 3.4), (15.8, 6.5)),
+    ),
+    Profile(
+        "1.8B",
+        "Full-parameter",
+        "full",
+        1,
+        1,
+        _row((43.5, 2.1), (43.5, 2.2), (43.5, 2.2), (43.5, 2.3), (47.1, 2.8), (48.3, 5.6)),
+    ),
+    Profile(
+        "7B",
+        "LoRA",
+        "lora",
+        1,
+        1,
+        _row((20.1, 1.2), (20.4, 1.5), (21.5, 2.8), (23.8, 5.2), (29.7, 10.1), (36.6, 21.3)),
+    ),
+    Profile(
+        "7B",
+        "LoRA (emb)",
+        "lora_emb",
+        1,
+        1,
+        _row((33.7, 1.4), (34.1, 1.6), (35.2, 2.9), (35.1, 5.3), (39.2, 10.3), (48.5, 21.7)),
+    ),
+    Profile(
+        "7B",
+        "Q-LoRA",
+        "qlora",
+        1,
+        1,
+        _row((11.5, 3.0), (11.5, 3.0), (12.3, 3.5), (13.9, 7.0), (16.9, 11.6), (23.5, 22.3)),
+    ),
+    Profile("7B", "Full-parameter", "full", 2, 1, _row((139.2, 4.0), (148.0, 4.0), (162.0, 4.5))),
+    Profile(
+        "7B",
+        "LoRA (multinode)",
+        "lora",
+        2,
+        2,
+        _row((74.7, 2.09), (77.6, 3.16), (84.9, 5.17), (95.1, 9.25), (121.1, 18.1), (155.5, 37.4)),
+    ),
+    Profile(
+        "14B",
+        "LoRA",
+        "lora",
+        1,
+        1,
+        _row((34.6, 1.6), (35.1, 2.4), (35.3, 4.4), (37.4, 8.4), (42.5, 17.0), (55.2, 36.0)),
+    ),
+    Profile(
+        "14B",
+        "LoRA (emb)",
+        "lora_emb",
+        1,
+        1,
+        _row((51.2, 1.7), (51.1, 2.6), (51.5, 4.6), (54.1, 8.6), (56.8, 17.2), (67.7, 36.3)),
+    ),
+    Profile(
+        "14B",
+        "Q-LoRA",
+        "qlora",
+        1,
+        1,
+        _row((18.7, 5.3), (18.4, 6.3), (18.9, 8.2), (19.9, 11.8), (23.0, 20.1), (27.9, 38.3)),
+    ),
+    Profile(
+        "72B",
+        "LoRA + Deepspeed Zero3",
+        "lora",
+        4,
+        1,
+        _row((215.4, 17.6), (217.7, 20.5), (222.6, 29.4), (228.8, 45.7), (249.0, 83.4), (289.2, 161.5)),
+    ),
+    Profile(
+        "72B",
+        "Q-LoRA",
+        "qlora",
+        1,
+        1,
+        _row((61.4, 27.4), (61.4, 31.5), (62.9, 41.4), (64.1, 59.5), (68.0, 97.7), (75.6, 179.8)),
+    ),
 ]
+SIZE_NAMES = {"1.8B": "qwen-1.8b", "7B": "qwen-7b", "14B": "qwen-14b", "72B": "qwen-72b"}
 
 
-def weights_bytes(size: Size, mode: str) -> float:
-    if mode == "qlora":
-        return size.block_parameters * (0.5 + 1 / 32) + 2 * size.embedding_parameters
-    return 2 * (size.block_parameters + size.embedding_parameters)
+def write_config_only_checkpoint(directory: Path, size: str, base: bool, gptq: bool) -> Path:
+    """config.json and generation_config.json of a released size, no weights (the plan reads no more)."""
+    config = tiny_config(SIZE_NAMES[size])
+    if gptq:
+        config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+        config.bf16, config.fp16 = False, True
+    config.save_pretrained(directory)
+    tiny_generation_config(base).save_pretrained(directory)
+    return directory
 
 
-def trainable_bytes(size: Size, mode: str) -> float:
-    if mode == "full":
-        return 14 * (size.block_parameters + size.embedding_parameters)  # + the 2 bytes counted as weights
-    extra = 8 * size.embedding_parameters if mode == "lora_emb" else 0
-    return 16 * size.lora_parameters + extra
-
-
-def activation_bytes(size: Size, mode: str, tokens: int, checkpointing: bool) -> float:
-    h, m = size.hidden, size.mlp
-    per_layer = 2 * (10 * h + 4 * m) + 8 * h + (0 if mode == "full" else 10 * h)
-    if checkpointing:
-        return tokens * (size.layers * 2 * h + per_layer)
-    return tokens * size.layers * per_layer
-
-
-def logits_bytes(size: Size, tokens: int, chunked: bool) -> float:
-    if chunked:
-        return min(tokens, LOSS_CHUNK_TOKENS) * size.vocab * 8
-    return tokens * size.vocab * 12
-
-
-def table(tokens: int) -> str:
-    modes = [("lora", "LoRA"), ("lora_emb", "LoRA (emb)"), ("qlora", "Q-LoRA int4"), ("full", "full (1 GPU)")]
-    lines = [
-        f"| size | mode | weights | trainable state | activations no GC / GC | logits original / chunked | "
-        f"total original (GC) | total ours (GC, chunked) | total ours (no GC) | published (original, {tokens}) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+def recipe_flags(profile: Profile, checkpoint: Path, length: int, output: Path) -> list[str]:
+    flags = [
+        "--model_name_or_path",
+        str(checkpoint),
+        "--output_dir",
+        str(output),
+        "--model_max_length",
+        str(length),
+        "--pad_to_max_length",
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "8",
+        "--gradient_checkpointing",
     ]
-    for size in SIZES:
-        for mode, label in modes:
-            weights = weights_bytes(size, mode)
-            state = trainable_bytes(size, mode)
-            plain, checkpointed = (activation_bytes(size, mode, tokens, gc) for gc in (False, True))
-            original_logits, chunked_logits = (
-                logits_bytes(size, tokens, False),
-                logits_bytes(size, tokens, True),
-            )
-            original = weights + state + checkpointed + original_logits
-            ours = weights + state + checkpointed + chunked_logits
-            ours_no_gc = weights + state + plain + chunked_logits
-            published = size.published_2048[mode] if tokens == 2048 else "-"
+    world = profile.gpus * profile.nodes
+    if profile.kind == "qlora":
+        return flags + [
+            "--fp16",
+            "true",
+            "--use_lora",
+            "--q_lora",
+            "--deepspeed",
+            str(DEEPSPEED / "ds_config_zero2.json"),
+        ]
+    flags += ["--bf16", "true"]
+    if profile.kind == "full":
+        return flags + ["--deepspeed", str(DEEPSPEED / "ds_config_zero3.json")]
+    flags += ["--use_lora", "--train_embeddings", "yes" if profile.kind == "lora_emb" else "no"]
+    if world > 1:
+        zero = "ds_config_zero3.json" if profile.size == "72B" else "ds_config_zero2.json"
+        flags += ["--deepspeed", str(DEEPSPEED / zero)]
+    return flags
+
+
+def plan_profile(profile: Profile, length: int, work: Path) -> RunPlan:
+    gptq = profile.kind == "qlora"
+    name = f"{profile.size}-{'base' if profile.kind == 'lora_emb' else 'chat'}{'-int4' if gptq else ''}"
+    checkpoint = work / name
+    if not (checkpoint / "config.json").is_file():
+        write_config_only_checkpoint(checkpoint, profile.size, base=profile.kind == "lora_emb", gptq=gptq)
+    args = parse_args(recipe_flags(profile, checkpoint, length, work / "output"))
+    device = A100_FP16 if gptq else A100
+    plan = plan_run(*args, world_size=profile.gpus * profile.nodes, device=device)
+    processes = profile.gpus  # per node
+    original = plan.setup.with_changes(loss="full_logits", processes_per_node=processes)
+    return plan_setup(original, device)
+
+
+def comparison_table(work: Path) -> tuple[str, list[float]]:
+    lines = [
+        "| size | method | GPUs | tokens | published GB | plan GB | plan / published | peak phase | "
+        "published s/it | plan s/it (at 40% of peak) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    ratios = []
+    for profile in PROFILES:
+        gpus = profile.gpus * profile.nodes
+        for length, (published, seconds) in profile.published.items():
+            plan = plan_profile(profile, length, work)
+            planned = plan.peak_bytes * gpus / 1e9
+            ratio = planned / published
+            ratios.append(ratio)
+            mark = "" if abs(ratio - 1) <= WITHIN else " **"
             lines.append(
-                f"| {size.name} | {label} | {weights / GB:.1f} | {state / GB:.1f} | {plain / GB:.1f} / "
-                f"{checkpointed / GB:.1f} | {original_logits / GB:.2f} / {chunked_logits / GB:.2f} | "
-                f"{original / GB:.1f} | {ours / GB:.1f} | {ours_no_gc / GB:.1f} | {published} |"
+                f"| {profile.size} | {profile.method} | {gpus} | {length} | {published:.1f} | {planned:.1f} | "
+                f"{ratio:.2f}{mark} | {plan.memory.peak_phase} | {seconds:g} | {plan.time.expected_seconds:.2g} |"
             )
-    return "\n".join(lines)
+    within = sum(abs(ratio - 1) <= WITHIN for ratio in ratios)
+    lines += ["", f"{within} of {len(ratios)} figures within {WITHIN:.0%} (** marks the others)."]
+    return "\n".join(lines), ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    print(table(parser.parse_args().tokens))
+    parser.add_argument("--update", type=Path, help="replace the table between the markers in this file")
+    cli = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        table, _ = comparison_table(Path(work))
+    if cli.update is None:
+        print(table)
+        return
+    text = cli.update.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"{cli.update}: no {TABLE_START} ... {TABLE_END} markers")
+    cli.update.write_text(
+        pattern.sub(lambda _: f"{TABLE_START}\n{table}\n{TABLE_END}", text), encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":
