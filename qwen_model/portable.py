@@ -38,6 +38,12 @@ def _add_auto_map(json_path: Path, auto_map: dict[str, Any]) -> None:
     )
 
 
+def copy_model_files(directory: str | os.PathLike) -> list[Path]:
+    """Copy the flat model files into `directory` (an adapter directory needs them for its tokenizer's
+    auto_map); returns the files written."""
+    return [Path(shutil.copyfile(PACKAGE_DIR / name, Path(directory) / name)) for name in FLAT_MODEL_FILES]
+
+
 def write_portable_code(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """Copy the flat model files into `checkpoint_dir` and set the auto_map of config.json and, if
     the directory has a tokenizer, tokenizer_config.json. Returns the files written."""
@@ -48,9 +54,7 @@ def write_portable_code(checkpoint_dir: str | os.PathLike) -> list[Path]:
             f"{config_path} not found: write_portable_code needs a saved model directory "
             "(model.save_pretrained(dir) first)"
         )
-    written = []
-    for name in FLAT_MODEL_FILES:
-        written.append(Path(shutil.copyfile(PACKAGE_DIR / name, directory / name)))
+    written = copy_model_files(directory)
     _add_auto_map(config_path, CONFIG_AUTO_MAP)
     written.append(config_path)
     tokenizer_config_path = directory / "tokenizer_config.json"

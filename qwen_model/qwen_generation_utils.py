@@ -1,4 +1,4 @@
-"""ChatML prompts and the chat()/chat_stream() behind `QWenLMHeadModel.chat` / `.chat_stream`.
+"""ChatML prompts, stop words, and the chat()/chat_stream() behind `QWenLMHeadModel.chat` / `.chat_stream`.
 
 A flat module (torch and transformers only), copied next to checkpoints with the model files.
 
@@ -18,7 +18,13 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from .chat_format import DEFAULT_SYSTEM_PROMPT
@@ -108,6 +114,65 @@ def get_stop_words_ids(chat_format: str, tokenizer: Any) -> list[list[int]]:
     raise ValueError(f"unknown chat_format {chat_format!r}: expected 'chatml' or 'raw'")
 
 
+def check_stop_words_ids(stop_words_ids: Any) -> list[list[int]]:
+    """`stop_words_ids` as a list of token-id lists, or a ValueError naming the bad entry."""
+    if not isinstance(stop_words_ids, (list, tuple)):
+        raise ValueError(f"stop_words_ids must be a list of token-id lists, got {stop_words_ids!r}")
+    checked = []
+    for index, sequence in enumerate(stop_words_ids):
+        if (
+            not isinstance(sequence, (list, tuple))
+            or not sequence
+            or not all(isinstance(token, int) and token >= 0 for token in sequence)
+        ):
+            raise ValueError(
+                f"stop_words_ids[{index}] must be a non-empty list of token ids, got {sequence!r} "
+                "(e.g. [tokenizer.encode('Observation:')])"
+            )
+        checked.append(list(sequence))
+    return checked
+
+
+class StopWordsLogitsProcessor(LogitsProcessor):
+    """Ends a row with the end-of-text token on the step after it has generated a stop sequence.
+
+    The behaviour of the original Qwen `generate(stop_words_ids=...)`: the stop sequence is kept in
+    the output and the end-of-text token (`eos_token_id`, the first one if several) follows it; the
+    row is then finished by `generate` as for any end-of-sequence token, while the other rows of a
+    batch go on. Sequences that are a single eos id are left out (generation ends there anyway).
+    Only tokens generated in this call count: a prompt that ends with a stop sequence stops nothing.
+    """
+
+    def __init__(
+        self, stop_words_ids: Sequence[Sequence[int]], eos_token_id: int | Sequence[int] | None
+    ) -> None:
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if not eos_ids:
+            raise ValueError("stop_words_ids needs an end-of-text token: set generation_config.eos_token_id")
+        self.end_id = int(eos_ids[0])
+        self.sequences = [
+            sequence
+            for sequence in check_stop_words_ids(stop_words_ids)
+            if not (len(sequence) == 1 and sequence[0] in eos_ids)
+        ]
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is None:  # generate() first calls with the prompt alone
+            self.prompt_length = input_ids.shape[1]
+        generated = input_ids.shape[1] - self.prompt_length
+        stopped = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for sequence in self.sequences:
+            if len(sequence) <= generated:
+                tail = torch.tensor(sequence, dtype=input_ids.dtype, device=input_ids.device)
+                stopped |= (input_ids[:, -len(sequence) :] == tail).all(dim=-1)
+        if not bool(stopped.any()):
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.end_id] = 0.0
+        return torch.where(stopped[:, None], forced, scores)  # type: ignore[return-value]
+
+
 def decode_response(generated: Sequence[int], tokenizer: Any, stop_ids: Collection[int]) -> str:
     """Text of the generated tokens before the first stop token. Without a stop token (generation
     ended by length) every generated token is kept; the original dropped the last one."""
@@ -125,7 +190,10 @@ def _prepare_generation(
     generate_kwargs: dict[str, Any],
 ) -> tuple[torch.Tensor, set[int], dict[str, Any]]:
     """Prompt ids, stop ids and the keyword arguments for `model.generate`."""
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    # A GenerationConfig with the checkpoint's own fields (chat_format, stop_words_ids, ...) as attributes.
+    config: Any = copy.deepcopy(
+        generation_config if generation_config is not None else model.generation_config
+    )
     chat_format = getattr(config, "chat_format", "chatml")
     if chat_format != "chatml":
         raise ValueError(
@@ -138,23 +206,36 @@ def _prepare_generation(
         or getattr(config, "max_window_size", None)
         or DEFAULT_MAX_WINDOW_SIZE
     )
+    # The turn's control tokens end generation at once (eos ids); other stop sequences, of any
+    # length, are let through and followed by <|endoftext|>, as in the original chat().
+    control_ids = {ids[0] for ids in get_stop_words_ids(chat_format, tokenizer)}
     stop_words_ids = [
-        *get_stop_words_ids(chat_format, tokenizer),
-        *(getattr(config, "stop_words_ids", None) or []),
-        *(generate_kwargs.pop("stop_words_ids", None) or []),
+        ids
+        for ids in check_stop_words_ids(
+            [
+                *(getattr(config, "stop_words_ids", None) or []),
+                *(generate_kwargs.pop("stop_words_ids", None) or []),
+            ]
+        )
+        if not (len(ids) == 1 and ids[0] in control_ids)
     ]
-    multi_token = [ids for ids in stop_words_ids if len(ids) != 1]
-    if multi_token:
-        raise ValueError(f"stop_words_ids entries must be single tokens, got {multi_token}")
+    config.stop_words_ids = None  # handled here, not again by the model's generate()
     # Generation options go into the config (transformers deprecates passing both); the rest
     # (stopping_criteria, logits_processor, ...) goes to generate() as is.
     other_kwargs = config.update(**generate_kwargs)
     configured_eos = config.eos_token_id if config.eos_token_id is not None else []
     configured_eos = [configured_eos] if isinstance(configured_eos, int) else list(configured_eos)
-    stop_ids = {ids[0] for ids in stop_words_ids} | set(configured_eos)
+    stop_ids = control_ids | set(configured_eos)
     config.eos_token_id = sorted(stop_ids)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.eod_id
+    if stop_words_ids:
+        other_kwargs["logits_processor"] = LogitsProcessorList(
+            [
+                *(other_kwargs.get("logits_processor") or []),
+                StopWordsLogitsProcessor(stop_words_ids, tokenizer.eod_id),
+            ]
+        )
     # Embedding rows past the vocabulary have no token: a random or lightly trained model could
     # pick them, and the answer could not be decoded.
     tokenless_ids = range(len(tokenizer), model.config.vocab_size)
@@ -183,7 +264,9 @@ def chat(
     """Answer `query` after `history`; returns the response and the history extended by this turn.
 
     `generate_kwargs` go to `model.generate` (e.g. `do_sample=False`, `max_new_tokens=64`), except
-    `max_window_size` and `stop_words_ids` (single-token lists), which override the generation config.
+    `max_window_size`, which overrides the generation config, and `stop_words_ids` (token-id lists of
+    any length, e.g. `[tokenizer.encode("Observation:")]`), which add to its stop words: the answer
+    then ends with the stop sequence, as with the original chat().
     """
     history = check_history(history)
     input_ids, stop_ids, kwargs = _prepare_generation(
@@ -231,7 +314,7 @@ class _StopWhenSet(StoppingCriteria):
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
     ) -> torch.BoolTensor:
-        return torch.full(
+        return torch.full(  # type: ignore[return-value]
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )
 

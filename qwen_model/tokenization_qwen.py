@@ -1,25 +1,34 @@
 """The Qwen (v1) tokenizer: tiktoken BPE over `qwen.tiktoken`, as a transformers python tokenizer.
 
-A flat module that imports only tiktoken and transformers, because it is copied next to every
-checkpoint we write and loaded there with `trust_remote_code=True`.
+A flat module that imports only tiktoken, transformers and the flat `chat_format` module, because it
+is copied next to every checkpoint we write and loaded there with `trust_remote_code=True`.
 
 Tokens (as returned by `tokenize` / `convert_ids_to_tokens`) are strings in the usual byte-level
 form: every byte of a BPE token is shown as one printable character, so the vocabulary is a plain
 `dict[str, int]`. Special tokens keep their own text (`<|im_start|>`).
+
+The tokenizer carries the toolkit's ChatML chat template (`chat_format.CHAT_TEMPLATE`) unless its
+tokenizer_config says otherwise, and its encodings answer `char_to_token` / `token_to_chars` (for
+`apply_chat_template(..., return_assistant_tokens_mask=True)`), which transformers offers only for
+its Rust tokenizers.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import os
 import unicodedata
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import tiktoken
-from transformers import AddedToken, PreTrainedTokenizer
+from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
+from transformers.tokenization_utils_base import CharSpan
+
+from .chat_format import CHAT_TEMPLATE
 
 VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken", "extra_vocab_file": "qwen_extra.tiktoken"}
 
@@ -152,6 +161,122 @@ class Vocabulary:
         return Vocabulary, (self.base_data, self.extra_data)
 
 
+def nfc_positions(text: str) -> list[int] | None:
+    """For each character of `text` (and its end), the index of the same place in its NFC form;
+    None when `text` is already NFC (the indices are the same).
+
+    Characters that NFC combines (a letter and its accents, Hangul jamo) share the index of what
+    they become, so a lookup inside such a cluster lands on the token of the cluster.
+    """
+    if unicodedata.is_normalized("NFC", text):
+        return None
+    clusters: list[str] = []
+    for char in text:
+        joins = unicodedata.combining(char) or (
+            clusters
+            and unicodedata.normalize("NFC", clusters[-1] + char)
+            != unicodedata.normalize("NFC", clusters[-1]) + unicodedata.normalize("NFC", char)
+        )
+        if clusters and joins:
+            clusters[-1] += char
+        else:
+            clusters.append(char)
+    positions: list[int] = []
+    normalized_length = 0
+    for cluster in clusters:
+        width = len(unicodedata.normalize("NFC", cluster))
+        positions += [normalized_length + min(offset, width - 1) for offset in range(len(cluster))]
+        normalized_length += width
+    if "".join(unicodedata.normalize("NFC", cluster) for cluster in clusters) != unicodedata.normalize(
+        "NFC", text
+    ):
+        raise ValueError(f"cannot map the characters of {text[:50]!r}... to its NFC form")
+    return [*positions, normalized_length]
+
+
+def token_char_spans(tokens: Iterable[bytes]) -> list[tuple[int, int]]:
+    """Character span (start, end) of each token of a UTF-8 text given as the tokens' bytes. A
+    character split between tokens belongs to the spans of all of them."""
+    spans = []
+    characters = 0
+    for data in tokens:
+        starts_inside_a_character = data[0] & 0xC0 == 0x80
+        start = characters - 1 if starts_inside_a_character else characters
+        characters += sum(1 for byte in data if byte & 0xC0 != 0x80)
+        spans.append((start, max(characters, start + 1)))
+    return spans
+
+
+def place_in_row(tokens: Sequence[int], row: Sequence[int], padding_side: str, truncation_side: str) -> int:
+    """Where the tokens of a text start in its encoded row, which may be padded or truncated: the row
+    position of the first token (negative when the row lost tokens at its start)."""
+    if len(row) >= len(tokens):
+        padding = len(row) - len(tokens)
+        candidates = [padding, 0] if padding_side == "left" else [0, padding]
+        for start in [*candidates, *range(1, padding)]:
+            if list(row[start : start + len(tokens)]) == list(tokens):
+                return start
+    elif truncation_side == "left" and list(row) == list(tokens[len(tokens) - len(row) :]):
+        return len(row) - len(tokens)
+    elif list(row) == list(tokens[: len(row)]):
+        return 0
+    raise ValueError("the encoded row does not hold the tokens of its text: cannot map characters to tokens")
+
+
+RowSpans = list[tuple[int, int] | None]
+
+
+class CharAlignedEncoding(BatchEncoding):
+    """A BatchEncoding of texts whose `char_to_token` / `token_to_chars` work as with a Rust tokenizer.
+
+    `spans_of(text, row_ids)` gives each row position's character span in the text (None for
+    padding); it runs for a row when that row is first asked about, so encoding costs nothing more.
+    """
+
+    def __init__(
+        self, encoding: BatchEncoding, texts: list[str], spans_of: Callable[[str, list[int]], RowSpans]
+    ) -> None:
+        super().__init__(encoding.data, n_sequences=encoding.n_sequences)
+        self._texts = texts
+        self._spans_of = spans_of
+        self._rows: dict[int, tuple[RowSpans, list[int], list[int]]] = {}
+
+    def _row(self, batch_index: int) -> tuple[RowSpans, list[int], list[int]]:
+        """The row's spans, and the positions and span ends of its text tokens (for bisection)."""
+        if batch_index not in self._rows:
+            ids = self.data["input_ids"]
+            rows = ids.tolist() if hasattr(ids, "tolist") else ids
+            if rows and not isinstance(rows[0], list):
+                rows = [rows]
+            spans = self._spans_of(self._texts[batch_index], rows[batch_index])
+            positions = [position for position, span in enumerate(spans) if span is not None]
+            ends = [span[1] for span in spans if span is not None]
+            self._rows[batch_index] = (spans, positions, ends)
+        return self._rows[batch_index]
+
+    def char_to_token(  # type: ignore[override]  # None where no token holds the character, like Rust's
+        self, batch_or_char_index: int, char_index: int | None = None, sequence_index: int = 0
+    ) -> int | None:
+        """Row position of the token that holds character `char_index` of the text (None if no token does)."""
+        batch_index, char_index = (
+            (0, batch_or_char_index) if char_index is None else (batch_or_char_index, char_index)
+        )
+        spans, positions, ends = self._row(batch_index)
+        found = bisect.bisect_right(ends, char_index)
+        if found == len(positions):
+            return None
+        span = spans[positions[found]]
+        return positions[found] if span is not None and span[0] <= char_index else None
+
+    def token_to_chars(self, batch_or_token_index: int, token_index: int | None = None) -> CharSpan | None:
+        """The characters of the text that the token at this row position covers (None for padding)."""
+        batch_index, token_index = (
+            (0, batch_or_token_index) if token_index is None else (batch_or_token_index, token_index)
+        )
+        span = self._row(batch_index)[0][token_index]
+        return None if span is None else CharSpan(*span)
+
+
 class QWenTokenizer(PreTrainedTokenizer):
     """Qwen tokenizer: `tok(text)` / `tok.encode` turn special-token text into special ids (like the
     original); `encode_text(text)` is the fast path that encodes such text as plain text by default."""
@@ -185,6 +310,8 @@ class QWenTokenizer(PreTrainedTokenizer):
         kwargs.setdefault("pad_token", ENDOFTEXT)
         kwargs.setdefault("eos_token", ENDOFTEXT)
         kwargs.setdefault("extra_special_tokens", [IM_START, IM_END])
+        if kwargs.get("chat_template") is None:  # official checkpoints have none: ChatML as trained
+            kwargs["chat_template"] = CHAT_TEMPLATE
         super().__init__(errors=errors, **kwargs)
 
     @staticmethod
@@ -243,7 +370,7 @@ class QWenTokenizer(PreTrainedTokenizer):
             return self.vocabulary.encoding.encode(text, allowed_special="all", disallowed_special=())
         return self.vocabulary.encoding.encode_ordinary(text)
 
-    def tokenize(
+    def tokenize(  # type: ignore[override]  # tiktoken's special-token switches instead of pairs
         self,
         text: str,
         allowed_special: str | Collection[str] = "all",
@@ -255,6 +382,17 @@ class QWenTokenizer(PreTrainedTokenizer):
         `allowed_special` ("all" or a set of token texts) becomes the special token; other special
         text is plain text, unless it is in `disallowed_special`, which raises. `split_special_tokens`
         (the transformers flag) encodes all special text as plain text."""
+        ids = self._encode_ids(text, allowed_special, disallowed_special, split_special_tokens)
+        return [self._convert_id_to_token(token_id) for token_id in ids]
+
+    def _encode_ids(
+        self,
+        text: str,
+        allowed_special: str | Collection[str] = "all",
+        disallowed_special: str | Collection[str] = (),
+        split_special_tokens: bool | None = None,
+    ) -> list[int]:
+        """The ids `tokenize` stands for (same arguments)."""
         if split_special_tokens is None:
             split_special_tokens = self.split_special_tokens
         if split_special_tokens:
@@ -268,10 +406,58 @@ class QWenTokenizer(PreTrainedTokenizer):
                 if unknown:
                     raise ValueError(f"{name} names tokens that are not Qwen special tokens: {unknown}")
         text = unicodedata.normalize("NFC", text)
-        ids = self.vocabulary.encoding.encode(
-            text, allowed_special=allowed_special, disallowed_special=disallowed_special
+        return self.vocabulary.encoding.encode(
+            text,
+            allowed_special="all" if allowed_special == "all" else set(allowed_special),
+            disallowed_special="all" if disallowed_special == "all" else disallowed_special,
         )
-        return [self._convert_id_to_token(token_id) for token_id in ids]
+
+    def _encode_plus(  # type: ignore[override]  # every option goes through to transformers unchanged
+        self, text: Any, text_pair: Any = None, **kwargs: Any
+    ) -> BatchEncoding:
+        """The transformers encoding, able to map characters to tokens when the input is text."""
+        encoding = super()._encode_plus(text, text_pair=text_pair, **kwargs)
+        texts = [text] if isinstance(text, str) else text
+        plain_texts = isinstance(texts, (list, tuple)) and all(isinstance(item, str) for item in texts)
+        # Pairs, pre-split words and sanitised chats are encoded in pieces: no single text to map.
+        if not plain_texts or text_pair is not None or kwargs.get("is_split_into_words"):
+            return encoding
+        if kwargs.get("sanitize_control_tokens"):
+            return encoding
+        options: dict[str, Any] = {
+            name: kwargs[name]
+            for name in ("allowed_special", "disallowed_special", "split_special_tokens")
+            if name in kwargs
+        }
+        padding_side = kwargs.get("padding_side") or self.padding_side
+
+        def spans_of(text: str, row: list[int]) -> RowSpans:
+            return self._row_char_spans(text, row, options, padding_side)
+
+        return CharAlignedEncoding(encoding, list(texts), spans_of)
+
+    def _row_char_spans(
+        self, text: str, row: list[int], options: dict[str, Any], padding_side: str
+    ) -> RowSpans:
+        """Each row position's character span in `text` (None for padding), for the row `text` was
+        encoded to (padding and truncation included)."""
+        ids = self._encode_ids(text, **options)
+        normalized_spans = token_char_spans(
+            self.vocabulary.encoding.decode_single_token_bytes(token_id) for token_id in ids
+        )
+        positions = nfc_positions(text)
+        if positions is None:
+            spans = normalized_spans
+        else:
+            spans = [
+                (bisect.bisect_left(positions, start), bisect.bisect_left(positions, end))
+                for start, end in normalized_spans
+            ]
+        first = place_in_row(ids, row, padding_side, self.truncation_side)
+        return [
+            spans[position - first] if 0 <= position - first < len(spans) else None
+            for position in range(len(row))
+        ]
 
     def _convert_token_to_id(self, token: str) -> int:
         if token in SPECIAL_IDS:
@@ -307,11 +493,13 @@ class QWenTokenizer(PreTrainedTokenizer):
         self,
         token_ids: int | list[int],
         skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
         errors: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Bytes of all tokens joined, then UTF-8 decoded (`errors`, default "replace", for split
-        characters). The transformers clean-up of spaces does not apply to byte-level BPE."""
+        characters). The transformers clean-up of spaces (`clean_up_tokenization_spaces`) does not
+        apply to byte-level BPE and is ignored."""
         ids = [token_ids] if isinstance(token_ids, int) else [int(token_id) for token_id in token_ids]
         unknown = next((token_id for token_id in ids if token_id not in self.vocabulary.decodable_ids), None)
         if unknown is not None:

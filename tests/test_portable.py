@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from qwen_model.chat_format import CHAT_TEMPLATE
 from qwen_model.configuration_qwen import QWenConfig
 from qwen_model.modeling_qwen import QWenLMHeadModel
 from qwen_model.portable import FLAT_MODEL_FILES, write_portable_code
-from qwen_model.qwen_generation_utils import chat
+from qwen_model.qwen_generation_utils import chat, make_context
 from qwen_model.tiny import build_tiny_checkpoint, tiny_config
 from qwen_model.tokenization_qwen import QWenTokenizer
 
@@ -132,9 +134,17 @@ ids = tokenizer.encode(sys.argv[4])
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits
 response, _ = model.chat(tokenizer, "Hi there", do_sample=False, max_new_tokens=6)
+chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+templated = tokenizer.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
+# A tokenizer directory as released: no chat template of its own.
+official = AutoTokenizer.from_pretrained(sys.argv[5], trust_remote_code=True)
 torch.save(
     {
         "ids": ids,
+        "template": tokenizer.chat_template,
+        "official_template": official.chat_template,
+        "templated": dict(templated),
+        "official_prompt": official.apply_chat_template(chat[:1], add_generation_prompt=True, return_dict=False),
         "logits": logits,
         "response": response,
         "modules": [type(model).__module__, type(tokenizer).__module__, type(model.config).__module__],
@@ -156,6 +166,10 @@ def test_checkpoint_loads_with_remote_code_only(tmp_path: Path, vocab_file: Path
     tokenizer.save_pretrained(checkpoint)
     assert "auto_map" not in json.loads((checkpoint / "config.json").read_text())
     write_portable_code(checkpoint)
+    official = tmp_path / "official-tokenizer"
+    official.mkdir()
+    for name in ("qwen.tiktoken", "tokenizer_config.json", "tokenization_qwen.py", "chat_format.py"):
+        shutil.copyfile(checkpoint / name, official / name)
 
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
@@ -172,6 +186,7 @@ def test_checkpoint_loads_with_remote_code_only(tmp_path: Path, vocab_file: Path
         str(result_file),
         site_packages,
         TEXT,
+        str(official),
     ]
     completed = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -189,3 +204,8 @@ def test_checkpoint_loads_with_remote_code_only(tmp_path: Path, vocab_file: Path
         torch.set_num_threads(threads)
     assert torch.equal(remote["logits"], local_logits)
     assert remote["response"] == chat(model, tokenizer, "Hi there", do_sample=False, max_new_tokens=6)[0]
+    assert remote["template"] == remote["official_template"] == CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    local = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert remote["templated"] == dict(local) and 1 in local["assistant_masks"]
+    assert remote["official_prompt"] == make_context(tokenizer, "Hi there")[1]
