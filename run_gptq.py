@@ -2,7 +2,7 @@
 
 import sys
 
-from qwen_finetune.quantize import main
+from qwen_finetune import commands
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(commands.quantize())

@@ -1,29 +1,52 @@
-"""Command-line flags of finetune.py: model, LoRA and training arguments as dataclasses.
+"""Command-line flags of finetune.py: model, LoRA and training arguments as dataclasses, and their parser.
 
 The data flags live in `qwen_finetune.data.args.DataArguments`. Every flag of the original Qwen
-`finetune.py` and its launch scripts is accepted; the ones transformers 5 removed are mapped here
-(`--evaluation_strategy`, `--warmup_ratio`, `--no_cuda`, `--overwrite_output_dir`).
+`finetune.py` and its launch scripts is accepted; the ones transformers 5 removed or renamed are mapped
+here (`--evaluation_strategy`, `--warmup_ratio`, `--no_cuda`, `--overwrite_output_dir`,
+`--gradient_checkpointing`). `--config FILE` reads flag values from a recipe (`recipe_file`). Every
+problem with the flags is an `ArgumentError`.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 import transformers
+from transformers.hf_argparser import DataClassType
 from transformers.trainer_utils import IntervalStrategy
 
+from qwen_finetune.console import VERBOSE_HELP
 from qwen_finetune.data.args import DataArguments
-from qwen_finetune.errors import ArgumentError
+from qwen_finetune.errors import ArgumentError, ToolkitError
+from qwen_finetune.fsdp import read_fsdp_config
+from qwen_finetune.preference.args import PreferenceArguments
+from qwen_finetune.recipe_file import CONFIG_FLAG, config_arguments, split_config_flags
+from qwen_finetune.sample_answers.args import SampleArguments
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "w1", "w2")
+
+# --init_lora_weights values PEFT 0.21 can apply from the flag alone ("pissa_niter_N" too); its other
+# initialisations (eva, corda, loftq, lora_ga) need a configuration object this toolkit does not build.
+LORA_INITIALISATIONS = ("true", "false", "gaussian", "pissa", "olora", "orthogonal", "mica")
+_PISSA_FAST = re.compile(r"pissa_niter_\d+")
+
+# Old flag names read as the current ones, so that transformers never sees (nor warns about) a name
+# the toolkit passes; the last of the two on a command line wins, as for any repeated flag.
+RENAMED_FLAGS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
 
 
 @dataclass
@@ -33,19 +56,14 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Local checkpoint directory in the Qwen (v1) layout (config.json, qwen.tiktoken, weights). "
-            "Nothing is downloaded: fetch hub models first, e.g. `huggingface-cli download Qwen/Qwen-7B-Chat "
-            "--local-dir DIR`."
+            "help": "Local checkpoint directory in the Qwen (v1) layout; nothing is downloaded "
+            "(fetch hub models first: docs/training.md)."
         },
     )
     train_embeddings: Literal["auto", "yes", "no"] = field(
         default="auto",
         metadata={
-            "help": "LoRA only: also train the embedding and output layers (wte, lm_head; saved whole in the "
-            "adapter). auto decides from the checkpoint whether it already knows the ChatML tokens: "
-            "generation_config.json chat_format 'chatml' means yes it does (no extra training), 'raw' means no; "
-            "without that field, the <|im_start|>/<|im_end|> embedding rows are compared with never-used rows. "
-            "The decision and its reason are logged."
+            "help": "LoRA: also train wte and lm_head whole; auto decides from the checkpoint (logged)."
         },
     )
 
@@ -57,17 +75,12 @@ class LoraArguments:
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     q_lora: bool = field(
         default=False,
-        metadata={
-            "help": "Q-LoRA: LoRA on a quantized base model (implies --use_lora). GPTQ Int4/Int8 checkpoints are "
-            "detected from config.json; full-precision checkpoints need --q_lora_backend nf4."
-        },
+        metadata={"help": "LoRA on a quantized base (implies --use_lora): a GPTQ checkpoint, or nf4."},
     )
     q_lora_backend: Literal["auto", "gptq", "nf4"] = field(
         default="auto",
         metadata={
-            "help": "How the Q-LoRA base is quantized. auto: gptq when the checkpoint is GPTQ-quantized, "
-            "otherwise an error; gptq: a GPTQ checkpoint (gptqmodel kernels); nf4: quantize a full-precision "
-            "checkpoint to 4-bit NF4 while loading (bitsandbytes)."
+            "help": "Q-LoRA base: auto (gptq if the checkpoint is GPTQ), gptq, or nf4 (bitsandbytes, on load)."
         },
     )
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
@@ -79,13 +92,24 @@ class LoraArguments:
     )
     lora_weight_path: str = field(
         default="",
-        metadata={
-            "help": "Continue training this existing adapter directory instead of a new one; its own "
-            "adapter_config.json (rank, targets, modules_to_save) is used."
-        },
+        metadata={"help": "Continue training this adapter directory (its own adapter_config.json applies)."},
     )
     lora_bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata={"help": "Which biases the adapter trains."}
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: also train the magnitude of each adapted weight (weight-decomposed LoRA)."},
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."},
+    )
+    init_lora_weights: str = field(
+        default="true",
+        metadata={
+            "help": "Adapter init: true (B = 0), false, gaussian, pissa, pissa_niter_N, olora, orthogonal, mica."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -104,26 +128,49 @@ class LoraArguments:
             raise ArgumentError(
                 f"--q_lora_backend {self.q_lora_backend} only applies with --q_lora; add --q_lora"
             )
+        self.init_lora_weights = self.init_lora_weights.lower()
+        if self.init_lora_weights not in LORA_INITIALISATIONS and not _PISSA_FAST.fullmatch(
+            self.init_lora_weights
+        ):
+            raise ArgumentError(
+                f"--init_lora_weights {self.init_lora_weights} is not one of "
+                f"{', '.join(LORA_INITIALISATIONS)} or pissa_niter_N (N subspace iterations)"
+            )
         if self.q_lora and not self.use_lora:
             logger.info("--q_lora implies --use_lora")
             self.use_lora = True
 
+    @property
+    def peft_init_lora_weights(self) -> bool | str:
+        """--init_lora_weights as `peft.LoraConfig(init_lora_weights=...)` takes it."""
+        return {"true": True, "false": False}.get(self.init_lora_weights, self.init_lora_weights)
+
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """HF training arguments plus the original Qwen fields and the flags transformers 5 removed."""
+    """HF training arguments plus the toolkit's own, the original Qwen fields and the flags transformers 5
+    removed."""
 
     _argument_group_name = "training"
 
+    config: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "YAML/JSON files of flag values (e.g. finetune/recipes/lora.yaml); later ones and flags win."
+        },
+    )
+    plan: bool = field(
+        default=False,
+        metadata={"help": "Print the memory and time plan of this configuration and exit; loads no weights."},
+    )
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
     cache_dir: str | None = field(
         default=None, metadata={"help": "Accepted for compatibility; unused (local only)."}
     )
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (without DeepSpeed)."})
     model_max_length: int = field(
         default=8192,
-        metadata={
-            "help": "Maximum tokens per sample (per packed row with --packing); longer samples are truncated."
-        },
+        metadata={"help": "Tokens per sample (per packed row with --packing); longer samples are truncated."},
     )
     max_shard_size: str = field(
         default="2GB", metadata={"help": "Largest safetensors shard written for full-model checkpoints."}
@@ -132,21 +179,18 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "Allow writing into a non-empty --output_dir (nothing in it is deleted)."},
     )
-    evaluation_strategy: str | None = field(
-        default=None, metadata={"help": "Old name of --eval_strategy (no, steps, epoch)."}
+    evaluation_strategy: Literal["no", "steps", "epoch"] | None = field(
+        default=None, metadata={"help": "Old name of --eval_strategy; an explicit --eval_strategy wins."}
     )
     warmup_ratio: float | None = field(
         default=None,
-        metadata={
-            "help": "Old flag: warmup as a fraction [0, 1) of the training steps (becomes --warmup_steps)."
-        },
+        metadata={"help": "Old flag: warmup fraction [0, 1) of the steps; an explicit --warmup_steps wins."},
     )
     no_cuda: bool = field(default=False, metadata={"help": "Old name of --use_cpu."})
     logging_dir: str | None = field(
         default=None,
         metadata={
-            "help": "TensorBoard directory (transformers 5 reads it from $TENSORBOARD_LOGGING_DIR, which this sets). "
-            "Default: OUTPUT_DIR/runs/DATE_HOST."
+            "help": "TensorBoard directory (sets $TENSORBOARD_LOGGING_DIR); default OUTPUT_DIR/runs/DATE_HOST."
         },
     )
 
@@ -155,11 +199,13 @@ class TrainingArguments(transformers.TrainingArguments):
         self._choose_cpu_when_no_accelerator()
         if self.deepspeed:
             self.deepspeed = load_deepspeed_config(self.deepspeed, on_cpu=self.use_cpu)
+        if self.fsdp_config is not None:
+            self.fsdp_config = read_fsdp_config(self.fsdp_config)
         super().__post_init__()
 
     def _map_removed_flags(self) -> None:
-        """Old flags fill in the new ones; an explicitly set new flag wins (the launch scripts pass
-        --evaluation_strategy and --warmup_ratio as defaults that users override with the new names)."""
+        """Old flags fill in the new ones; an explicitly set new flag wins (the recipes set
+        --warmup_ratio as a default that users override with --warmup_steps)."""
         if self.evaluation_strategy is not None:
             if self.eval_strategy in ("no", IntervalStrategy.NO):
                 self.eval_strategy = self.evaluation_strategy
@@ -247,17 +293,95 @@ def _use_torch_adam(config: dict[str, Any]) -> None:
     logger.info("CPU run: DeepSpeed uses torch's AdamW (torch_adam) instead of JIT-compiling its C++ Adam")
 
 
-def build_parser() -> transformers.HfArgumentParser:
-    return transformers.HfArgumentParser(
-        (ModelArguments, DataArguments, TrainingArguments, LoraArguments),
+class FlagParser(transformers.HfArgumentParser):
+    """HfArgumentParser for every command of the toolkit: a wrong flag or value is an ArgumentError
+    (the entry point prints one line), an unknown flag names the closest known one."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(f"{message}; '{self.prog} --help' lists every flag")
+
+    def parse_flags(self, arguments: list[str]) -> tuple[Any, ...]:
+        """The dataclasses of `arguments`; unknown flags and refused values are ArgumentErrors."""
+        _, unknown = self.parse_known_args(arguments)
+        if unknown:
+            raise self._unknown_flag(unknown[0])
+        try:
+            return self.parse_args_into_dataclasses(args=arguments, look_for_args_file=False)
+        except ToolkitError:
+            raise
+        except ValueError as error:  # a dataclass refused a value or a combination of values
+            raise ArgumentError(str(error)) from error
+
+    def _unknown_flag(self, argument: str) -> ArgumentError:
+        if not argument.startswith("-"):
+            return ArgumentError(f"unexpected argument {argument!r}: every value follows its --flag")
+        flags = [option for action in self._actions for option in action.option_strings]
+        close = difflib.get_close_matches(argument.split("=", 1)[0], flags, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"'{self.prog} --help' lists every flag"
+        return ArgumentError(f"unknown flag {argument}; {hint}")
+
+
+class FinetuneParser(FlagParser):
+    """finetune.py's parser; its help is the toolkit's grouped, one-line-per-flag text."""
+
+    def format_help(self) -> str:
+        from qwen_finetune.cli_help import render_help
+
+        return render_help(self)
+
+
+@dataclass(frozen=True)
+class RunArguments:
+    """Everything finetune.py was asked to do, one dataclass per group of flags."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments
+    lora: LoraArguments
+    samples: SampleArguments
+    preference: PreferenceArguments
+
+
+def build_parser() -> FinetuneParser:
+    dataclass_types = (
+        ModelArguments,
+        DataArguments,
+        TrainingArguments,
+        LoraArguments,
+        PreferenceArguments,
+        SampleArguments,
+    )
+    return FinetuneParser(
+        [DataClassType(item) for item in dataclass_types],
+        prog="finetune.py",
         description="Fine-tune a Qwen (v1) model: full, LoRA, LoRA + embeddings, Q-LoRA (GPTQ or NF4). "
         "Reference: docs/training.md.",
     )
 
 
+def parse_run_arguments(argv: list[str] | None = None) -> RunArguments:
+    """Parse finetune.py flags: --config files first, then the command line, which overrides them."""
+    parser = build_parser()
+    files, command_line = split_config_flags(sys.argv[1:] if argv is None else argv)
+    arguments = [_current_name(item) for item in config_arguments(files, parser) + command_line]
+    if files:
+        arguments += [CONFIG_FLAG, *files]
+    model, data, training, lora, preference, samples = parser.parse_flags(arguments)
+    return RunArguments(model, data, training, lora, samples, preference)
+
+
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments, LoraArguments]:
-    """Parse finetune.py flags; unknown flags are an error."""
-    model_args, data_args, training_args, lora_args = build_parser().parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args, lora_args
+    """The model, data, training and LoRA flags alone: what the mode decision and the memory plan read."""
+    run = parse_run_arguments(argv)
+    return run.model, run.data, run.training, run.lora
+
+
+def _current_name(argument: str) -> str:
+    """`--gradient_checkpointing[=V]` -> `--activation_checkpointing[=V]` (see RENAMED_FLAGS)."""
+    if not argument.startswith("--"):
+        return argument
+    name, separator, value = argument[2:].partition("=")
+    current = RENAMED_FLAGS.get(name.replace("-", "_"))
+    return f"--{current}{separator}{value}" if current else argument

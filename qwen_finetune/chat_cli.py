@@ -8,7 +8,6 @@ history window), so what you see here is what `model.chat()` returns in Python.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -16,19 +15,67 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 from qwen_model.chat_format import DEFAULT_SYSTEM_PROMPT
 
-from .artifacts import is_adapter_dir, read_json
+from .checkpoint_info import (
+    ADAPTER_CONFIG_FILE,
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    VOCAB_FILE,
+    is_adapter_dir,
+)
+from .console import VERBOSE_HELP
+from .errors import ArgumentError, InputFileError, ToolkitError
+from .json_files import read_json
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 WELCOME = "Qwen chat. Type a message, or :help for commands (:clear to forget the history, :exit to quit)."
 
 
 @dataclass
+class ChatArguments:
+    """The flags of cli_demo.py / qwen-chat."""
+
+    checkpoint_path: str = field(
+        metadata={
+            "aliases": ["-c"],
+            "help": "Model directory (full, merged or GPTQ), or a LoRA adapter directory with a local base.",
+        }
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "LoRA / Q-LoRA adapter directory to apply to the model."}
+    )
+    system: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System prompt."})
+    query: str | None = field(
+        default=None, metadata={"help": "Answer this one query, print the response and exit."}
+    )
+    seed: int = field(
+        default=1234, metadata={"aliases": ["-s"], "help": "Random seed set before each reply."}
+    )
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Longest reply in tokens."})
+    greedy: bool = field(
+        default=False, metadata={"help": "Greedy decoding instead of the config's sampling."}
+    )
+    stop_words: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Texts that end a reply (kept at its end), e.g. --stop_words 'Observation:'; "
+            "any number of tokens each, added to the checkpoint's stop words."
+        },
+    )
+    cpu_only: bool = field(default=False, metadata={"help": "Run on the CPU."})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
+
+
+@dataclass
 class LoadedChatModel:
     model: Any
-    tokenizer: Any
+    tokenizer: QwenTokenizerLike
     generation_config: Any
     description: str
 
@@ -40,6 +87,7 @@ class ChatSession:
     seed: int
     history: list[tuple[str, str]] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    stop_words_ids: list[list[int]] = field(default_factory=list)
 
     def effective_generation_config(self) -> Any:
         """The checkpoint's generation config with this session's :conf / flag overrides applied."""
@@ -55,23 +103,23 @@ def resolve_model_dirs(checkpoint: str | Path, adapter: str | Path | None) -> tu
     """(model directory, adapter directory or None); `-c ADAPTER_DIR` alone means its recorded base."""
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise InputFileError(f"checkpoint directory {path} does not exist")
     if adapter is None and is_adapter_dir(path):
-        base = read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        base = read_json(path / ADAPTER_CONFIG_FILE).get("base_model_name_or_path")
         if not base or not Path(base).expanduser().is_dir():
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"{path} is a LoRA adapter whose base model {base!r} is not a local directory; "
                 f"run with -c BASE_MODEL_DIR --adapter {path}"
             )
         return Path(base).expanduser().resolve(), path
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json, so it is not a model checkpoint directory")
+    if not (path / CONFIG_FILE).is_file():
+        raise InputFileError(f"{path} has no {CONFIG_FILE}, so it is not a model checkpoint directory")
     if adapter is None:
         return path, None
     adapter_path = Path(adapter).expanduser().resolve()
     if not is_adapter_dir(adapter_path):
-        raise FileNotFoundError(
-            f"--adapter {adapter_path} has no adapter_config.json, so it is not a LoRA adapter"
+        raise InputFileError(
+            f"--adapter {adapter_path} has no {ADAPTER_CONFIG_FILE}, so it is not a LoRA adapter"
         )
     return path, adapter_path
 
@@ -99,11 +147,20 @@ def load_chat_model(
         description = f"{model_dir} + adapter {adapter_dir}"
     # A training output directory carries the tokenizer and generation config of the fine-tuned model.
     searched = [adapter_dir, model_dir] if adapter_dir is not None else [model_dir]
-    tokenizer = AutoTokenizer.from_pretrained(_first_holding(searched, "qwen.tiktoken") or model_dir)
-    generation_dir = _first_holding(searched, "generation_config.json")
+    tokenizer = cast(
+        QwenTokenizerLike, AutoTokenizer.from_pretrained(_first_holding(searched, VOCAB_FILE) or model_dir)
+    )
+    generation_dir = _first_holding(searched, GENERATION_CONFIG_FILE)
     generation_config = (
         GenerationConfig.from_pretrained(generation_dir) if generation_dir else model.generation_config
     )
+    chat_format = getattr(generation_config, "chat_format", None)
+    if chat_format != "chatml":
+        raise ArgumentError(
+            f"{description} has generation_config.chat_format {chat_format!r}, not 'chatml': it looks like a "
+            "base (pre-trained) model, which was not trained to chat. Use a chat model, or fine-tune this one "
+            "on conversations first."
+        )
     quantization = getattr(model.config, "quantization_config", None)
     if quantization is not None:
         bits = (
@@ -123,15 +180,17 @@ def reply(session: ChatSession, query: str, on_text: Callable[[str], None] | Non
     set_seed(session.seed)
     loaded = session.loaded
     config = session.effective_generation_config()
+    options = {
+        "history": session.history,
+        "system": session.system,
+        "generation_config": config,
+        "stop_words_ids": session.stop_words_ids,
+    }
     if on_text is None:
-        response, _ = loaded.model.chat(
-            loaded.tokenizer, query, history=session.history, system=session.system, generation_config=config
-        )
+        response, _ = loaded.model.chat(loaded.tokenizer, query, **options)
         return response
     shown = ""
-    for text in loaded.model.chat_stream(
-        loaded.tokenizer, query, history=session.history, system=session.system, generation_config=config
-    ):
+    for text in loaded.model.chat_stream(loaded.tokenizer, query, **options):
         on_text(text[len(shown) :] if text.startswith(shown) else f"\n{text}")
         shown = text
     return shown
@@ -212,9 +271,31 @@ def _conf(session: ChatSession, argument: str) -> bool:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    session.overrides[key.strip()] = value
-    print(f"{key.strip()} = {value!r}")
+    key = key.strip()
+    problem = _setting_problem(session.effective_generation_config(), key, value)
+    if problem:
+        print(f"not changed: {problem}")
+        return True
+    session.overrides[key] = value
+    print(f"{key} = {value!r}")
     return True
+
+
+def _setting_problem(config: Any, key: str, value: Any) -> str:
+    """Why `key=value` cannot go into the generation config ("" when it can)."""
+    if not hasattr(config, key):
+        return f"{key} is not a generation setting (:conf lists them)"
+    current = getattr(config, key)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        return f"{key} takes true or false"
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and not number:
+        return f"{key} takes a number"
+    try:  # transformers' own checks of the values
+        copy.deepcopy(config).update(**{key: value})
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def _reset_conf(session: ChatSession, argument: str) -> bool:
@@ -272,9 +353,6 @@ def interactive(session: ChatSession) -> int:
         except KeyboardInterrupt:
             print("\n(interrupted; this turn is not kept in the history)")
             continue
-        except ValueError as error:
-            print(f"\nerror: {error}")
-            continue
         print()
         session.history.append((line, response))
 
@@ -282,57 +360,44 @@ def interactive(session: ChatSession) -> int:
 # ------------------------------------------------------------------------------------------ command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Chat with a Qwen checkpoint: full, merged, GPTQ Int4/Int8, or base + LoRA adapter.",
+def build_parser() -> HfArgumentParser:
+    from transformers import HfArgumentParser
+    from transformers.hf_argparser import DataClassType
+
+    return HfArgumentParser(
+        DataClassType(ChatArguments),
+        description="Chat with a Qwen checkpoint: full, merged, GPTQ Int4/Int8, or base + LoRA adapter. "
+        "Reference: docs/after_training.md.",
     )
-    parser.add_argument(
-        "-c",
-        "--checkpoint-path",
-        "--checkpoint_path",
-        dest="checkpoint",
-        required=True,
-        help="model directory",
-    )
-    parser.add_argument(
-        "--adapter", default=None, help="LoRA / Q-LoRA adapter directory to apply to the model"
-    )
-    parser.add_argument(
-        "--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt (default: %(default)r)"
-    )
-    parser.add_argument("--query", default=None, help="answer this one query, print the response and exit")
-    parser.add_argument("-s", "--seed", type=int, default=1234, help="random seed set before each reply")
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="longest reply in tokens")
-    parser.add_argument(
-        "--greedy", action="store_true", help="greedy decoding instead of the config's sampling"
-    )
-    parser.add_argument(
-        "--cpu-only", "--cpu_only", dest="cpu_only", action="store_true", help="run on the CPU"
-    )
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def start_session(args: ChatArguments) -> ChatSession:
+    """Load the model the flags name and open a session with their settings."""
     # Some libraries (gptqmodel) log to stdout; keep stdout for the conversation / the --query answer.
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            loaded = load_chat_model(args.checkpoint, args.adapter, cpu_only=args.cpu_only)
-    except (OSError, ValueError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 1
-    session = ChatSession(loaded, system=args.system, seed=args.seed)
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load_chat_model(args.checkpoint_path, args.adapter, cpu_only=args.cpu_only)
+    stop_words_ids = [loaded.tokenizer.encode_text(word) for word in args.stop_words or []]
+    empty = [word for word, ids in zip(args.stop_words or [], stop_words_ids) if not ids]
+    if empty:
+        raise ArgumentError(f"--stop_words {empty[0]!r} is empty: give texts with at least one character")
+    session = ChatSession(loaded, system=args.system, seed=args.seed, stop_words_ids=stop_words_ids)
     if args.max_new_tokens is not None:
         session.overrides["max_new_tokens"] = args.max_new_tokens
     if args.greedy:
         session.overrides["do_sample"] = False
-    if args.query is None:
-        return interactive(session)
+    return session
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    (args,) = parser.parse_args_into_dataclasses(argv)
     try:
+        session = start_session(args)
+        if args.query is None:
+            return interactive(session)
         with contextlib.redirect_stdout(sys.stderr):
             response = reply(session, args.query)
-    except ValueError as error:
+    except ToolkitError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     print(response)

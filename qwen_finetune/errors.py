@@ -15,3 +15,7 @@ class ArgumentError(ToolkitError):
 
 class OutputDirError(ToolkitError):
     """The output directory cannot be used as asked (not empty, not writable, overlaps an input)."""
+
+
+class InputFileError(ToolkitError):
+    """An input file (a checkpoint's config, an adapter's settings) is missing, unreadable or malformed."""

@@ -8,37 +8,47 @@ model's logits must equal base+adapter on a few ChatML prompts.
 
 Q-LoRA adapters (trained on a GPTQ checkpoint) cannot be merged into quantized weights; they are
 merged into the full-precision model when `--base_model_path` names it.
+
+torch, transformers and peft are imported by the functions that use them, so `--help` and flag
+errors answer without loading them.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
+import pickle
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 
-from .artifacts import (
+from .checkpoint_info import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHT_FILES,
+    CONFIG_FILE,
     QUANTIZE_REPORT_FILE,
-    check_output_dir,
-    checkpoint_dtype,
-    copy_tokenizer_and_generation_files,
-    dtype_from_name,
     is_adapter_dir,
-    log_to_stderr,
     quantization_config_of,
-    read_json,
-    set_precision_flags,
-    staged_output_dir,
-    write_portable_code,
+    read_checkpoint,
 )
-from .errors import ToolkitError
+from .console import VERBOSE_HELP, log_to_stderr
+from .errors import ArgumentError, InputFileError, OutputDirError, ToolkitError
+from .json_files import read_json
+from .staging import check_output_dir, staged_output_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import HfArgumentParser
 
 logger = logging.getLogger(__name__)
+
+# "auto": merge in float32 and store the base checkpoint's dtype; otherwise merge and store in this one.
+MergeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+MERGE_DTYPES: tuple[str, ...] = get_args(MergeDtype)
 
 # Prompts the self-check runs through base+adapter and the merged model: English, Chinese, history.
 PROBE_PROMPTS: list[tuple[str, list[tuple[str, str]]]] = [
@@ -49,19 +59,94 @@ PROBE_PROMPTS: list[tuple[str, list[tuple[str, str]]]] = [
 
 # Largest |merged - (base+adapter)| logit difference accepted, relative to the largest |logit|:
 # float32 arithmetic only reorders sums; half precision rounds every merged weight once.
-RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
-class AdapterError(ValueError):
+class AdapterError(InputFileError):
     """The adapter directory is missing, incomplete, or does not fit the base model."""
 
 
-class QuantizedBaseError(ValueError):
-    """A LoRA adapter cannot be merged into GPTQ-quantized weights."""
+class QuantizedBaseError(ArgumentError):
+    """A LoRA adapter cannot be merged into GPTQ-quantized weights: --base_model_path must name the
+    full-precision model."""
 
 
-class MergeCheckError(RuntimeError):
-    """The merged model does not reproduce base+adapter."""
+class MergeCheckError(ToolkitError):
+    """The merged model does not reproduce base+adapter; nothing was written."""
+
+
+@contextlib.contextmanager
+def writing_output(out_dir: str | Path, what: str) -> Iterator[None]:
+    """Turn a failure to write (a full disk, a read-only or vanished directory) into an OutputDirError
+    that names the output. safetensors reports its I/O failures as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as error:
+        raise OutputDirError(f"writing {what} for {out_dir} failed: {error}") from error
+    except SafetensorError as error:
+        if "I/O error" not in str(error):
+            raise
+        raise OutputDirError(f"writing {what} for {out_dir} failed: {error}") from error
+
+
+def check_max_shard_size(max_shard_size: str) -> None:
+    """A shard size transformers understands (2GB, 500MB, 1000000), checked before any weight is loaded."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        raise ArgumentError(
+            f"--max_shard_size {max_shard_size!r} is not a size; write it like 2GB, 500MB or 1000000"
+        ) from None
+    if size <= 0:
+        raise ArgumentError(f"--max_shard_size must be positive, got {max_shard_size!r}")
+
+
+@dataclass
+class MergeArguments:
+    """The flags of merge_lora.py, and the options of `merge_adapter`."""
+
+    adapter_dir: str = field(
+        metadata={
+            "aliases": ["--adapter_path", "--path_to_adapter"],
+            "help": "LoRA adapter directory (adapter_config.json + weights), e.g. the output_dir of a --use_lora run.",
+        }
+    )
+    output_dir: str = field(
+        metadata={"aliases": ["--new_model_directory"], "help": "Directory to write the merged model to."}
+    )
+    base_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full-precision base model; default: the adapter's base_model_name_or_path. "
+            "Q-LoRA adapters need the model their GPTQ base was made from."
+        },
+    )
+    max_shard_size: str = field(
+        default="2GB", metadata={"help": "Largest safetensors file to write, e.g. 2GB or 500MB."}
+    )
+    dtype: MergeDtype = field(
+        default="auto",
+        metadata={
+            "help": "auto: merge in float32, save in the base's dtype; else merge and save in this dtype."
+        },
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
+
+    def __post_init__(self) -> None:
+        """Literal types are not enforced outside the command line: check what Python callers pass."""
+        if self.dtype not in MERGE_DTYPES:
+            raise ArgumentError(f"--dtype {self.dtype} is not one of {', '.join(MERGE_DTYPES)}")
+        check_max_shard_size(self.max_shard_size)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the merge is computed in."""
+        return "float32" if self.dtype == "auto" else self.dtype
 
 
 # ------------------------------------------------------------------------------- finding the inputs
@@ -77,10 +162,10 @@ def resolve_adapter(adapter_dir: str | Path) -> tuple[Path, dict[str, Any], Path
             f"adapter path {path} is not a directory; pass the directory holding {ADAPTER_CONFIG_FILE}"
         )
     if not is_adapter_dir(path):
-        if (path / "config.json").is_file():
+        if (path / CONFIG_FILE).is_file():
             raise AdapterError(
-                f"{path} holds a full model (config.json) and no {ADAPTER_CONFIG_FILE}: there is nothing to merge. "
-                "Use it as it is, or pass the directory of a LoRA adapter (the output_dir of a --use_lora run)"
+                f"{path} holds a full model ({CONFIG_FILE}) and no {ADAPTER_CONFIG_FILE}: there is nothing to "
+                "merge. Use it as it is, or pass the directory of a LoRA adapter (the output_dir of a --use_lora run)"
             )
         checkpoints = sorted(child.name for child in path.glob("checkpoint-*") if is_adapter_dir(child))
         hint = f" (adapters found in: {', '.join(checkpoints)})" if checkpoints else ""
@@ -128,16 +213,13 @@ def resolve_base(
     else:
         base = Path(base_model_path).expanduser()
         if not base.is_dir():
-            raise AdapterError(f"--base_model_path {base} is not a directory")
+            raise ArgumentError(f"--base_model_path {base} is not a directory")
     base = base.resolve()
-    if not (base / "config.json").is_file():
-        raise AdapterError(f"the base model directory {base} has no config.json")
     if is_adapter_dir(base):
         raise AdapterError(
             f"the base model {base} is itself an adapter; pass the full model it was trained on"
         )
-
-    quantization = quantization_config_of(base)
+    quantization = read_checkpoint(base, flag="the base model").quantization_config
     if quantization is not None:
         source = _recorded_source(base)
         how = (
@@ -168,12 +250,24 @@ def resolve_base(
 
 
 def _adapter_tensor_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the adapter's weights file, or an AdapterError if it is unreadable."""
     if weights_file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(weights_file), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        try:
+            with safe_open(str(weights_file), framework="pt") as handle:
+                return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        except (OSError, SafetensorError) as error:
+            raise AdapterError(f"cannot read the adapter weights {weights_file}: {error}") from None
+    import torch
+
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise AdapterError(
+            f"cannot read the adapter weights {weights_file}: the file is damaged or not a PyTorch "
+            f"checkpoint ({type(error).__name__})"
+        ) from None
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
@@ -184,14 +278,23 @@ _LORA_AXES = {
     ".lora_embedding_A.": (1, 0),
     ".lora_embedding_B.": (0, 1),
 }
+_DORA_MAGNITUDE = ".lora_magnitude_vector"
 
 
 def _shape_problem(name: str, shape: tuple[int, ...], base_shapes: dict[str, tuple[int, ...]]) -> str | None:
     """What is wrong with one adapter tensor against the base model's parameter shapes, if anything.
 
-    LoRA factors must match their module's input or output width; anything else (modules_to_save
-    copies such as wte/lm_head) must have exactly the base parameter's shape.
+    LoRA factors must match their module's input or output width, DoRA magnitudes its output width;
+    anything else (modules_to_save copies such as wte/lm_head) must have exactly the base parameter's shape.
     """
+    if name.endswith(_DORA_MAGNITUDE):  # DoRA: one magnitude per output feature of the adapted weight
+        module = name.removesuffix(_DORA_MAGNITUDE)
+        target = base_shapes.get(f"{module}.weight")
+        if target is None:
+            return f"the base model has no module {module}"
+        if shape != target[:1]:
+            return f"shape {list(shape)} does not fit {module}.weight of shape {list(target)}"
+        return None
     for marker, (lora_axis, base_axis) in _LORA_AXES.items():
         if marker in name:
             module = name.split(marker)[0]
@@ -211,6 +314,7 @@ def _shape_problem(name: str, shape: tuple[int, ...], base_shapes: dict[str, tup
 
 def check_adapter_fits_base(weights_file: Path, base_config: Any, base_dir: Path) -> None:
     """Compare every adapter tensor with the base architecture (built on the meta device, no weights)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -235,8 +339,10 @@ def check_adapter_fits_base(weights_file: Path, base_config: Any, base_dir: Path
 # -------------------------------------------------------------------------------------- the check
 
 
-def probe_inputs(tokenizer: Any) -> list[torch.Tensor]:
+def probe_inputs(tokenizer: QwenTokenizerLike) -> list[torch.Tensor]:
     """ChatML prompts encoded exactly as chat() encodes them."""
+    import torch
+
     from qwen_model.qwen_generation_utils import make_context
 
     return [
@@ -245,23 +351,26 @@ def probe_inputs(tokenizer: Any) -> list[torch.Tensor]:
     ]
 
 
-@torch.no_grad()
 def probe_logits(model: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=ids, use_cache=False).logits.float() for ids in inputs]
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids, use_cache=False).logits.float() for ids in inputs]
 
 
 def compare_logits(
-    reference: list[torch.Tensor], merged: list[torch.Tensor], dtype: torch.dtype
+    reference: list[torch.Tensor], merged: list[torch.Tensor], dtype_name: str
 ) -> dict[str, float]:
-    """Largest logit difference and the tolerance it must stay within for `dtype` arithmetic."""
+    """Largest logit difference and the tolerance it must stay within for arithmetic in `dtype_name`."""
     max_diff = max(float((a - b).abs().max()) for a, b in zip(reference, merged))
     max_logit = max(float(a.abs().max()) for a in reference)
-    tolerance = RELATIVE_TOLERANCE[dtype] * max(1.0, max_logit)
+    tolerance = RELATIVE_TOLERANCE[dtype_name] * max(1.0, max_logit)
     return {"max_abs_logit_diff": max_diff, "max_abs_logit": max_logit, "tolerance": tolerance}
 
 
 def verify_saved_weights(out_dir: Path, model: torch.nn.Module) -> int:
     """Every tensor in the written safetensors equals the merged model's; returns how many were compared."""
+    import torch
     from safetensors import safe_open
 
     expected = model.state_dict()
@@ -287,61 +396,41 @@ def verify_saved_weights(out_dir: Path, model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------- the merge
 
 
-def _check_max_shard_size(max_shard_size: str | int) -> None:
-    from transformers.utils.hub import convert_file_size_to_int
+def merge_adapter(options: MergeArguments) -> dict[str, Any]:
+    """Merge the LoRA adapter `options.adapter_dir` into its base and write a standalone checkpoint
+    to `options.output_dir`.
 
-    try:
-        size = convert_file_size_to_int(max_shard_size)
-    except (ValueError, TypeError):
-        raise ValueError(
-            f"--max_shard_size {max_shard_size!r} is not a size; write it like 2GB, 500MB or 1000000"
-        ) from None
-    if size <= 0:
-        raise ValueError(f"--max_shard_size must be positive, got {max_shard_size!r}")
-
-
-def merge_adapter(
-    adapter_dir: str | Path,
-    out_dir: str | Path,
-    base_model_path: str | Path | None = None,
-    max_shard_size: str | int = "2GB",
-    overwrite: bool = False,
-    dtype: str = "auto",
-) -> dict[str, Any]:
-    """Merge the LoRA adapter in `adapter_dir` into its base and write a standalone checkpoint to `out_dir`.
-
-    `dtype="auto"` merges in float32 and stores the base checkpoint's dtype (one rounding, after the
-    merge); a dtype name merges and stores in that dtype (less memory for large models). Returns a
-    report: paths, dtypes, notes, and the self-check (largest logit difference and its tolerance).
+    Returns a report: paths, dtypes, notes, and the self-check (largest logit difference and its
+    tolerance).
     """
-    adapter, adapter_config, weights_file = resolve_adapter(adapter_dir)
-    base, notes = resolve_base(adapter, adapter_config, base_model_path)
-    _check_max_shard_size(max_shard_size)
-    check_output_dir(out_dir, overwrite, inputs=[adapter, base])
+    adapter, adapter_config, weights_file = resolve_adapter(options.adapter_dir)
+    base, notes = resolve_base(adapter, adapter_config, options.base_model_path)
+    check_output_dir(options.output_dir, options.overwrite, inputs=[adapter, base])
 
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import qwen_model  # noqa: F401  (registers the Qwen classes with the Auto* factories)
 
+    from .model_dir import complete_model_dir, load_tokenizer_of
+    from .precision import checkpoint_dtype, dtype_from_name, set_precision_flags
+
     base_config = AutoConfig.from_pretrained(base)
     check_adapter_fits_base(weights_file, base_config, base)
-    stored_dtype = checkpoint_dtype(base_config)
-    compute_dtype = torch.float32 if dtype == "auto" else dtype_from_name(dtype)
-    save_dtype = stored_dtype if dtype == "auto" else compute_dtype
+    compute_dtype = dtype_from_name(options.compute_dtype)
+    save_dtype = checkpoint_dtype(base_config) if options.dtype == "auto" else compute_dtype
     for note in notes:
         logger.warning(note)
 
-    tokenizer_dir = adapter if (adapter / "qwen.tiktoken").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    logger.info("loading base model %s (%s) and adapter %s", base, compute_dtype, adapter)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype)
-    model = PeftModel.from_pretrained(model, adapter).eval()
+    tokenizer = load_tokenizer_of([adapter, base])
+    logger.info("loading base model %s (%s) and adapter %s", base, options.compute_dtype, adapter)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype)
+    model = PeftModel.from_pretrained(base_model, adapter).eval()
 
     inputs = probe_inputs(tokenizer)
     reference = probe_logits(model, inputs)
     merged = model.merge_and_unload().eval()
-    check = compare_logits(reference, probe_logits(merged, inputs), compute_dtype)
+    check = compare_logits(reference, probe_logits(merged, inputs), options.compute_dtype)
     logger.info(
         "self-check: max |merged - (base+adapter)| logit difference %.3g (tolerance %.3g, %d prompts)",
         check["max_abs_logit_diff"],
@@ -350,28 +439,33 @@ def merge_adapter(
     )
     if not check["max_abs_logit_diff"] <= check["tolerance"]:
         hint = (
-            " Merge in float32 (--dtype auto) for an exact merge." if compute_dtype != torch.float32 else ""
+            " Merge in float32 (--dtype auto) for an exact merge."
+            if options.compute_dtype != "float32"
+            else ""
         )
         raise MergeCheckError(
             f"the merged model's logits differ from base+adapter by {check['max_abs_logit_diff']:.4g} "
-            f"(tolerance {check['tolerance']:.3g} for {compute_dtype}); nothing was written.{hint}"
+            f"(tolerance {check['tolerance']:.3g} for {options.compute_dtype}); nothing was written.{hint}"
         )
 
     merged = merged.to(save_dtype)
     set_precision_flags(merged.config, save_dtype)
-    with staged_output_dir(out_dir, overwrite, inputs=[adapter, base]) as staging:
-        merged.save_pretrained(staging, max_shard_size=max_shard_size)
-        copy_tokenizer_and_generation_files([adapter, base], staging)
-        write_portable_code(staging)
-        compared = verify_saved_weights(staging, merged)
+    saved_dtype = str(save_dtype).removeprefix("torch.")
+    with staged_output_dir(options.output_dir, options.overwrite, inputs=[adapter, base]) as staging:
+        with writing_output(options.output_dir, "the merged model"):
+            merged.save_pretrained(staging, max_shard_size=options.max_shard_size)
+            complete_model_dir(staging, tokenizer=tokenizer, generation_sources=[adapter, base])
+            compared = verify_saved_weights(staging, merged)
         weight_files = sorted(path.name for path in staging.glob("*.safetensors"))
-    logger.info("wrote %s (%d tensors in %d files, %s)", out_dir, compared, len(weight_files), save_dtype)
+    logger.info(
+        "wrote %s (%d tensors in %d files, %s)", options.output_dir, compared, len(weight_files), saved_dtype
+    )
     return {
         "adapter_dir": str(adapter),
         "base_model_path": str(base),
-        "output_dir": str(Path(out_dir).expanduser().resolve()),
-        "merge_dtype": str(compute_dtype).removeprefix("torch."),
-        "saved_dtype": str(save_dtype).removeprefix("torch."),
+        "output_dir": str(Path(options.output_dir).expanduser().resolve()),
+        "merge_dtype": options.compute_dtype,
+        "saved_dtype": saved_dtype,
         "weight_files": weight_files,
         "num_check_prompts": len(inputs),
         **check,
@@ -382,57 +476,25 @@ def merge_adapter(
 # ------------------------------------------------------------------------------------------ command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Merge a LoRA adapter into its base model and write a standalone checkpoint "
-        "(official Qwen layout: config with auto_map, tokenizer, generation config, model code, sharded safetensors).",
+def build_parser() -> HfArgumentParser:
+    from transformers import HfArgumentParser
+    from transformers.hf_argparser import DataClassType
+
+    return HfArgumentParser(
+        DataClassType(MergeArguments),
+        description="Merge a LoRA adapter into its base model and write a standalone checkpoint (official Qwen "
+        "layout: config with auto_map, tokenizer, generation config, model code, sharded safetensors). "
+        "Reference: docs/after_training.md.",
     )
-    parser.add_argument(
-        "--adapter_dir",
-        "--adapter_path",
-        "--path_to_adapter",
-        required=True,
-        help="directory of the LoRA adapter (adapter_config.json + adapter_model.safetensors)",
-    )
-    parser.add_argument(
-        "--output_dir", "--new_model_directory", required=True, help="directory to write the merged model to"
-    )
-    parser.add_argument(
-        "--base_model_path",
-        default=None,
-        help="full-precision base model; default: base_model_name_or_path of adapter_config.json. "
-        "Required for Q-LoRA adapters (trained on a GPTQ model): give the model the GPTQ checkpoint was made from",
-    )
-    parser.add_argument(
-        "--max_shard_size",
-        default="2GB",
-        help="largest safetensors file to write, e.g. 2GB or 500MB (default 2GB)",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto (default): merge in float32 and save in the base model's dtype; otherwise merge and save in this "
-        "dtype (bfloat16/float16 halve the memory needed for large models)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    namespace = parser.parse_args(argv)
     log_to_stderr("merge")
     try:
-        report = merge_adapter(
-            args.adapter_dir,
-            args.output_dir,
-            base_model_path=args.base_model_path,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            dtype=args.dtype,
-        )
-    except (ToolkitError, ValueError, OSError, MergeCheckError) as error:
+        report = merge_adapter(MergeArguments(**vars(namespace)))
+    except ToolkitError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     print(f"merged {report['adapter_dir']} into {report['base_model_path']}")

@@ -6,62 +6,157 @@ gptqmodel installed): config.json carries a `quantization_config` in the format 
 Qwen-Chat-Int4/Int8 checkpoints, next to the weights, tokenizer files, generation config and the
 model's own code. A `quantize_report.json` records the settings, the source model and the loss on
 held-out conversations of the original and the quantized model.
+
+torch, transformers and gptqmodel are imported by the functions that use them, so `--help` and
+flag errors answer without loading them.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import gc
 import importlib.util
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import numpy as np
-import torch
-
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 from qwen_model.chat_format import DEFAULT_SYSTEM_PROMPT
-from qwen_model.chunked_loss import IGNORE_INDEX
 
-from .artifacts import (
-    QUANTIZE_REPORT_FILE,
-    check_output_dir,
-    copy_tokenizer_and_generation_files,
-    dtype_from_name,
-    is_adapter_dir,
-    log_to_stderr,
-    quantization_config_of,
-    set_precision_flags,
-    staged_output_dir,
-    write_json,
-    write_portable_code,
-)
+from .checkpoint_info import QUANTIZE_CONFIG_FILE, QUANTIZE_REPORT_FILE, is_adapter_dir, read_checkpoint
+from .console import VERBOSE_HELP, is_verbose, log_to_stderr
 from .data.args import split_paths
-from .errors import ToolkitError
+from .data.formats import DataFormat
+from .errors import ArgumentError, ToolkitError
+from .json_files import write_json
+from .merge import check_max_shard_size, writing_output
+from .staging import check_output_dir, staged_output_dir
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import HfArgumentParser
 
 logger = logging.getLogger(__name__)
 
 # Bit widths whose GPTQ checkpoints transformers loads and gptqmodel runs on CPU (TorchLinear) and GPU.
-SUPPORTED_BITS = (2, 3, 4, 8)
+Bits = Literal[2, 3, 4, 8]
 # Group sizes gptqmodel's kernels accept; -1 is one group per output row.
-SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+GroupSize = Literal[-1, 16, 32, 64, 128, 256, 512, 1024]
+# Type of the scales and of the layers that stay unquantized, as the released checkpoints have it.
+ScaleDtype = Literal["float16", "bfloat16"]
+SUPPORTED_BITS: tuple[int, ...] = get_args(Bits)
+SUPPORTED_GROUP_SIZES: tuple[int, ...] = get_args(GroupSize)
+SCALE_DTYPES: tuple[str, ...] = get_args(ScaleDtype)
 # gptqmodel silently drops calibration samples of this many tokens or fewer.
 MIN_CALIBRATION_TOKENS = 10
-QUANTIZE_CONFIG_FILE = "quantize_config.json"
 INSTALL_HINT = "pip install 'qwen-finetune[gptq]'"
 
 
-class QuantizeError(ValueError):
-    """The request cannot be quantized as asked (settings, source checkpoint or calibration data)."""
+class QuantizeError(ToolkitError):
+    """The source model or the calibration data cannot be quantized as asked."""
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(ToolkitError):
     """gptqmodel or optimum is not installed."""
+
+
+@dataclass
+class QuantizeArguments:
+    """The flags of run_gptq.py, and the options of `quantize_checkpoint`."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Full-precision checkpoint directory, e.g. the output of merge_lora.py."}
+    )
+    data_path: str = field(
+        metadata={
+            "help": "Calibration conversations: .json/.jsonl files, comma-separated, any finetune.py format."
+        }
+    )
+    output_dir: str = field(
+        metadata={"aliases": ["--out_path"], "help": "Directory to write the quantized checkpoint to."}
+    )
+    bits: Bits = field(
+        default=4, metadata={"help": "Bits per weight; 4 and 8 are the released Int4/Int8 formats."}
+    )
+    group_size: GroupSize = field(
+        default=128,
+        metadata={
+            "help": "Weights sharing one scale (-1: a whole row); must divide every quantized layer's input width."
+        },
+    )
+    max_len: int = field(default=8192, metadata={"help": "Longest calibration sample in tokens."})
+    num_samples: int = field(default=128, metadata={"help": "Calibration samples to use."})
+    desc_act: bool = field(default=False, metadata={"help": "Quantize columns by decreasing activation."})
+    damp_percent: float = field(
+        default=0.01, metadata={"help": "Hessian dampening, as a fraction of its mean diagonal."}
+    )
+    eval_data_path: str | None = field(
+        default=None,
+        metadata={"help": "Held-out conversations for the loss report; default: set aside from --data_path."},
+    )
+    num_eval_samples: int = field(default=16, metadata={"help": "Held-out samples for the loss report."})
+    dtype: ScaleDtype = field(
+        default="float16", metadata={"help": "Type of the scales and of the layers that stay unquantized."}
+    )
+    max_shard_size: str = field(default="4GB", metadata={"help": "Largest safetensors file to write."})
+    data_format: DataFormat = field(
+        default="auto", metadata={"help": "Format of the data files, as for finetune.py."}
+    )
+    system_message: str = field(
+        default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "System prompt of samples that carry none."}
+    )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Tokenised-data cache; default: finetune.py's (~/.cache/qwen_finetune)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the calibration / held-out split."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
+
+    def __post_init__(self) -> None:
+        """Literal types are not enforced outside the command line: check what Python callers pass."""
+        if self.bits not in SUPPORTED_BITS:
+            raise ArgumentError(
+                f"--bits {self.bits} is not supported: choose one of {', '.join(map(str, SUPPORTED_BITS))} "
+                "(4 and 8 are the released Qwen Int4/Int8 formats)"
+            )
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ArgumentError(
+                f"--group_size {self.group_size} is not supported: choose one of "
+                f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+            )
+        if self.dtype not in SCALE_DTYPES:
+            raise ArgumentError(
+                f"--dtype {self.dtype} is not supported for GPTQ checkpoints: choose {' or '.join(SCALE_DTYPES)}"
+            )
+        if not 0.0 < self.damp_percent < 1.0:
+            raise ArgumentError(
+                f"--damp_percent {self.damp_percent} must be between 0 and 1 (typically 0.01)"
+            )
+        if self.num_samples < 1:
+            raise ArgumentError(f"--num_samples {self.num_samples} must be at least 1")
+        if self.num_eval_samples < 0:
+            raise ArgumentError(f"--num_eval_samples {self.num_eval_samples} must not be negative")
+        if self.max_len <= MIN_CALIBRATION_TOKENS:
+            raise ArgumentError(
+                f"--max_len {self.max_len} must be larger than {MIN_CALIBRATION_TOKENS} tokens"
+            )
+        check_max_shard_size(self.max_shard_size)
+
+    @property
+    def data_files(self) -> list[str]:
+        return split_paths(self.data_path)
+
+    @property
+    def eval_files(self) -> list[str]:
+        return split_paths(self.eval_data_path)
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -85,26 +180,8 @@ def configure_gptqmodel_cpu_workers() -> None:
         os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
 
 
-def check_settings(bits: int, group_size: int, damp_percent: float, num_samples: int, max_len: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise QuantizeError(
-            f"--bits {bits} is not supported: choose one of {', '.join(map(str, SUPPORTED_BITS))} "
-            "(4 and 8 are the released Qwen Int4/Int8 formats)"
-        )
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise QuantizeError(
-            f"--group_size {group_size} is not supported: choose one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
-        )
-    if not 0.0 < damp_percent < 1.0:
-        raise QuantizeError(f"--damp_percent {damp_percent} must be between 0 and 1 (typically 0.01)")
-    if num_samples < 1:
-        raise QuantizeError(f"--num_samples {num_samples} must be at least 1")
-    if max_len <= MIN_CALIBRATION_TOKENS:
-        raise QuantizeError(f"--max_len {max_len} must be larger than {MIN_CALIBRATION_TOKENS} tokens")
-
-
 def check_source_model(model_dir: str | Path) -> Path:
-    """A full-precision checkpoint directory, or a QuantizeError saying what it is instead."""
+    """A full-precision Qwen checkpoint directory, or an error saying what it is instead."""
     path = Path(model_dir).expanduser().resolve()
     if not path.is_dir():
         raise QuantizeError(f"--model_name_or_path {path} is not a directory")
@@ -113,9 +190,7 @@ def check_source_model(model_dir: str | Path) -> Path:
             f"{path} is a LoRA adapter, not a full model: merge it into its base first with "
             f"merge_lora.py --adapter_dir {path} --output_dir MERGED, then quantize MERGED"
         )
-    if not (path / "config.json").is_file():
-        raise QuantizeError(f"{path} has no config.json, so it is not a model checkpoint directory")
-    quantization = quantization_config_of(path)
+    quantization = read_checkpoint(path).quantization_config
     if quantization is not None:
         raise QuantizeError(
             f"{path} is already quantized ({quantization.get('quant_method')}, {quantization.get('bits')}-bit); "
@@ -143,7 +218,7 @@ def check_group_size_fits(config: Any, group_size: int) -> None:
         divisors = [
             size for size in SUPPORTED_GROUP_SIZES if size > 0 and all(w % size == 0 for w in widths.values())
         ]
-        raise QuantizeError(
+        raise ArgumentError(
             f"--group_size {group_size} does not divide the input width of {'; '.join(misfits)}; "
             f"choose a group size dividing every width ({', '.join(map(str, divisors)) or 'none fits'}) or -1"
         )
@@ -160,14 +235,14 @@ class Sample:
 
 def load_conversations(
     data_paths: list[str],
-    tokenizer: Any,
+    tokenizer: QwenTokenizerLike,
     max_len: int,
-    data_format: str,
+    data_format: DataFormat,
     system_message: str,
     data_cache_dir: str | None = None,
 ) -> list[Sample]:
     """Every kept sample of the files, encoded as for training (the data report is printed)."""
-    from .data import DataArguments, make_supervised_data
+    from .data import DataArguments, encode_splits
 
     data_args = DataArguments(
         data_path=",".join(data_paths),
@@ -175,8 +250,8 @@ def load_conversations(
         system_message=system_message,
         data_cache_dir=data_cache_dir,
     )
-    data = make_supervised_data(data_args, tokenizer, max_len)
-    columns = data.train_samples.select_columns(["input_ids", "labels"]).to_dict()
+    splits = encode_splits(data_args, tokenizer, data_args.encoding_options(max_len))
+    columns = splits.train.samples.select_columns(["input_ids", "labels"]).to_dict()
     return [Sample(list(ids), list(labels)) for ids, labels in zip(columns["input_ids"], columns["labels"])]
 
 
@@ -185,6 +260,8 @@ def split_samples(
 ) -> tuple[list[Sample], list[Sample]]:
     """(calibration, held-out) after a seeded shuffle; without eval files the held-out samples are set
     aside first (at most half of the samples). Samples too short for gptqmodel are left out."""
+    import numpy as np
+
     usable = [sample for sample in samples if len(sample.input_ids) > MIN_CALIBRATION_TOKENS]
     order = np.random.default_rng(seed).permutation(len(usable))
     shuffled = [usable[index] for index in order]
@@ -209,16 +286,14 @@ def check_calibration_size(calibration: list[Sample], config: Any, data_paths: l
 # ---------------------------------------------------------------------------------------- quantize
 
 
-def official_quantization_config(
-    bits: int, group_size: int, damp_percent: float, desc_act: bool
-) -> dict[str, Any]:
+def official_quantization_config(options: QuantizeArguments) -> dict[str, Any]:
     """`quantization_config` as the released Qwen-Chat-Int4/Int8 config.json has it, plus the
     checkpoint format (v1 "gptq" zero points) so no loader has to guess."""
     return {
-        "bits": bits,
-        "group_size": group_size,
-        "damp_percent": damp_percent,
-        "desc_act": desc_act,
+        "bits": options.bits,
+        "group_size": options.group_size,
+        "damp_percent": options.damp_percent,
+        "desc_act": options.desc_act,
         "static_groups": False,
         "sym": True,
         "true_sequential": True,
@@ -229,69 +304,118 @@ def official_quantization_config(
     }
 
 
-def run_gptqmodel(
-    model_dir: Path,
-    calibration: list[Sample],
-    staging: Path,
-    bits: int,
-    group_size: int,
-    desc_act: bool,
-    damp_percent: float,
-    dtype: torch.dtype,
-    max_shard_size: str,
-) -> None:
-    """Quantize layer by layer with gptqmodel and save its checkpoint into `staging`."""
-    configure_gptqmodel_cpu_workers()
-    from gptqmodel import GPTQModel, QuantizeConfig
+@contextlib.contextmanager
+def gptqmodel_scratch(staging: Path) -> Iterator[Path]:
+    """A directory beside the output for what gptqmodel writes while it works, removed afterwards.
 
-    quantize_config = QuantizeConfig(
-        bits=bits, group_size=group_size, desc_act=desc_act, sym=True, damp_percent=damp_percent
-    )
-    model = GPTQModel.load(str(model_dir), quantize_config, dtype=dtype)
-    model.quantize(
-        [
-            {"input_ids": sample.input_ids, "attention_mask": [1] * len(sample.input_ids)}
-            for sample in calibration
-        ],
-        batch_size=1,
-        calibration_data_min_length=MIN_CALIBRATION_TOKENS,
-    )
-    model.save(str(staging), max_shard_size=max_shard_size)
-    del model
+    gptqmodel offloads finished layers to a temporary directory and writes a per-layer log to
+    `./logs` of the working directory (the same numbers go to quant_log.csv in the output). Both
+    go here instead, on the output's file system, and vanish with it on failure.
+    """
+    from gptqmodel.looper import loop_processor
+
+    with tempfile.TemporaryDirectory(
+        prefix=f"{staging.name}.gptqmodel-", dir=staging.parent, ignore_cleanup_errors=True
+    ) as name:
+        scratch = Path(name)
+        log_dir = loop_processor._PROJECT_LOG_DIR
+        loop_processor._PROJECT_LOG_DIR = scratch / "logs"
+        try:
+            yield scratch
+        finally:
+            loop_processor._PROJECT_LOG_DIR = log_dir
+
+
+@contextlib.contextmanager
+def gptqmodel_stdout(verbose: bool, keep_terminal_progress: bool) -> Iterator[None]:
+    """Hide what gptqmodel prints on stdout unless --verbose: its progress bars redraw in place on a
+    terminal (kept when `keep_terminal_progress`) but pile up as hundreds of lines in a pipe or a log
+    file, and saving prints the files and configs it wrote. Its log lines are the console's concern."""
+    if verbose or is_verbose() or (keep_terminal_progress and sys.stdout.isatty()):
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def run_gptqmodel(source: Path, calibration: list[Sample], staging: Path, options: QuantizeArguments) -> None:
+    """Quantize layer by layer with gptqmodel and save its checkpoint into `staging`."""
+    from .precision import dtype_from_name
+
+    configure_gptqmodel_cpu_workers()
+    logger.info("quantizing layer by layer with gptqmodel (progress bars on a terminal or with --verbose)")
+    with gptqmodel_scratch(staging) as scratch:
+        with gptqmodel_stdout(options.verbose, keep_terminal_progress=True):
+            from gptqmodel import GPTQModel, QuantizeConfig
+
+            quantize_config = QuantizeConfig(
+                bits=options.bits,
+                group_size=options.group_size,
+                desc_act=options.desc_act,
+                sym=True,
+                damp_percent=options.damp_percent,
+                offload_to_disk_path=str(scratch / "offload"),
+            )
+            model = GPTQModel.load(str(source), quantize_config, dtype=dtype_from_name(options.dtype))
+            with writing_output(options.output_dir, "the layers gptqmodel offloads to disk while it works"):
+                model.quantize(
+                    [
+                        {"input_ids": sample.input_ids, "attention_mask": [1] * len(sample.input_ids)}
+                        for sample in calibration
+                    ],
+                    batch_size=1,
+                    calibration_data_min_length=MIN_CALIBRATION_TOKENS,
+                )
+        with (
+            writing_output(options.output_dir, "the quantized model"),
+            gptqmodel_stdout(options.verbose, keep_terminal_progress=False),
+        ):
+            model.save(str(staging), max_shard_size=options.max_shard_size)
+        del model
     gc.collect()
 
 
 def finish_checkpoint(
-    staging: Path, source: Path, quantization_config: dict[str, Any], dtype: torch.dtype
+    staging: Path,
+    source: Path,
+    tokenizer: QwenTokenizerLike,
+    quantization_config: dict[str, Any],
+    dtype: torch.dtype,
 ) -> None:
     """Make gptqmodel's output a released-style checkpoint: the source's config (not gptqmodel's
     rewrite of it) with the quantization config and dtype, its tokenizer and generation config, and
     the portable model code."""
     from transformers import AutoConfig
 
+    from .model_dir import complete_model_dir
+    from .precision import set_precision_flags
+
     config = AutoConfig.from_pretrained(source)
     set_precision_flags(config, dtype)
     config.quantization_config = quantization_config
     config.save_pretrained(staging)
     write_json(staging / QUANTIZE_CONFIG_FILE, quantization_config)
-    copy_tokenizer_and_generation_files([source], staging)
-    write_portable_code(staging)
+    complete_model_dir(staging, tokenizer=tokenizer, generation_sources=[source])
 
 
-@torch.no_grad()
 def held_out_loss(model: Any, samples: list[Sample]) -> dict[str, float]:
     """Mean loss per supervised token (the training objective) and its exponential, the perplexity."""
+    import torch
+
+    from qwen_model.chunked_loss import IGNORE_INDEX
+
     model.eval()
     total, tokens = 0.0, 0
     for sample in samples:
         supervised = sum(1 for label in sample.labels[1:] if label != IGNORE_INDEX)
         if supervised == 0:
             continue
-        output = model(
-            input_ids=torch.tensor([sample.input_ids], device=model.device),
-            labels=torch.tensor([sample.labels], device=model.device),
-            use_cache=False,
-        )
+        with torch.no_grad():
+            output = model(
+                input_ids=torch.tensor([sample.input_ids], device=model.device),
+                labels=torch.tensor([sample.labels], device=model.device),
+                use_cache=False,
+            )
         total += float(output.loss) * supervised
         tokens += supervised
     if tokens == 0:
@@ -311,67 +435,46 @@ def _evaluate(model_dir: Path, dtype: torch.dtype | None, samples: list[Sample])
         gc.collect()
 
 
-def quantize_checkpoint(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    data_paths: str | list[str],
-    bits: int = 4,
-    group_size: int = 128,
-    num_samples: int = 128,
-    max_len: int = 8192,
-    desc_act: bool = False,
-    damp_percent: float = 0.01,
-    overwrite: bool = False,
-    *,
-    eval_data_paths: str | list[str] | None = None,
-    num_eval_samples: int = 16,
-    dtype: str = "float16",
-    max_shard_size: str = "4GB",
-    data_format: str = "auto",
-    system_message: str = DEFAULT_SYSTEM_PROMPT,
-    data_cache_dir: str | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """GPTQ-quantize the checkpoint in `model_dir` into `out_dir`; returns the report (also written
-    to `out_dir`/quantize_report.json).
+def quantize_checkpoint(options: QuantizeArguments) -> dict[str, Any]:
+    """GPTQ-quantize `options.model_name_or_path` into `options.output_dir`; returns the report (also
+    written there as quantize_report.json).
 
-    Calibration: up to `num_samples` conversations from `data_paths` (comma-separated string or
-    list), encoded with the training ChatML encoding and cut to `max_len` tokens. Held-out loss:
-    `eval_data_paths`, or else `num_eval_samples` conversations set aside from `data_paths` before
-    calibration. `dtype` (float16 as the released Int4/Int8 models, or bfloat16) is the type of the
-    scales and of the layers that stay unquantized (embeddings, norms, lm_head).
+    Calibration: up to `num_samples` conversations of `data_path`, encoded with the training ChatML
+    encoding and cut to `max_len` tokens. Held-out loss: `eval_data_path`, or else
+    `num_eval_samples` conversations set aside from `data_path` before calibration.
     """
-    paths = split_paths(data_paths) if isinstance(data_paths, str) else list(data_paths)
-    eval_paths = (
-        split_paths(eval_data_paths) if isinstance(eval_data_paths, str) else list(eval_data_paths or [])
-    )
-    check_settings(bits, group_size, damp_percent, num_samples, max_len)
-    if dtype not in ("float16", "bfloat16"):
-        raise QuantizeError(
-            f"--dtype {dtype} is not supported for GPTQ checkpoints: choose float16 or bfloat16"
-        )
-    torch_dtype = dtype_from_name(dtype)
-    source = check_source_model(model_dir)
+    source = check_source_model(options.model_name_or_path)
     require_gptq_dependencies()
-    check_output_dir(out_dir, overwrite, inputs=[source])
+    check_output_dir(options.output_dir, options.overwrite, inputs=[source])
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     import qwen_model  # noqa: F401  (registers the Qwen classes with the Auto* factories)
 
+    from .model_dir import load_tokenizer_of
+    from .precision import dtype_from_name
+
     config = AutoConfig.from_pretrained(source)
-    check_group_size_fits(config, group_size)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    check_group_size_fits(config, options.group_size)
+    tokenizer = load_tokenizer_of([source])
 
     def encode(files: list[str]) -> list[Sample]:
-        return load_conversations(files, tokenizer, max_len, data_format, system_message, data_cache_dir)
+        return load_conversations(
+            files,
+            tokenizer,
+            options.max_len,
+            options.data_format,
+            options.system_message,
+            options.data_cache_dir,
+        )
 
+    paths, eval_paths = options.data_files, options.eval_files
     calibration, held_out = split_samples(
-        encode(paths), num_samples, num_eval_samples, seed, bool(eval_paths)
+        encode(paths), options.num_samples, options.num_eval_samples, options.seed, bool(eval_paths)
     )
     check_calibration_size(calibration, config, paths)
     if eval_paths:
-        held_out = encode(eval_paths)[:num_eval_samples]
+        held_out = encode(eval_paths)[: options.num_eval_samples]
     held_out_is_separate = bool(held_out)
     if not held_out:
         logger.warning("only one usable sample: the loss report uses the calibration sample itself")
@@ -379,38 +482,30 @@ def quantize_checkpoint(
     calibration_tokens = sum(len(sample.input_ids) for sample in calibration)
     logger.info("calibration: %d samples, %d tokens", len(calibration), calibration_tokens)
 
-    quantization_config = official_quantization_config(bits, group_size, damp_percent, desc_act)
+    quantization_config = official_quantization_config(options)
+    scale_dtype = dtype_from_name(options.dtype)
     started = time.perf_counter()
-    with staged_output_dir(out_dir, overwrite, inputs=[source]) as staging:
-        run_gptqmodel(
-            source,
-            calibration,
-            staging,
-            bits,
-            group_size,
-            desc_act,
-            damp_percent,
-            torch_dtype,
-            max_shard_size,
-        )
+    with staged_output_dir(options.output_dir, options.overwrite, inputs=[source]) as staging:
+        run_gptqmodel(source, calibration, staging, options)
         quantize_seconds = time.perf_counter() - started
-        finish_checkpoint(staging, source, quantization_config, torch_dtype)
+        with writing_output(options.output_dir, "the quantized model"):
+            finish_checkpoint(staging, source, tokenizer, quantization_config, scale_dtype)
         logger.info("loss on %d held-out samples: original model", len(held_out))
-        original = _evaluate(source, torch_dtype, held_out)
+        original = _evaluate(source, scale_dtype, held_out)
         logger.info(
             "loss on %d held-out samples: quantized model, loaded from the written directory", len(held_out)
         )
         quantized = _evaluate(staging, None, held_out)
         report = {
             "source_model": str(source),
-            "output_dir": str(Path(out_dir).expanduser().resolve()),
+            "output_dir": str(Path(options.output_dir).expanduser().resolve()),
             "quantization_config": quantization_config,
-            "dtype": dtype,
+            "dtype": options.dtype,
             "calibration": {
                 "data_paths": paths,
                 "samples": len(calibration),
                 "tokens": calibration_tokens,
-                "max_len": max_len,
+                "max_len": options.max_len,
             },
             "eval": {
                 "held_out": held_out_is_separate,
@@ -423,7 +518,8 @@ def quantize_checkpoint(
             "weight_files": sorted(path.name for path in staging.glob("*.safetensors")),
             "quantize_seconds": round(quantize_seconds, 1),
         }
-        write_json(staging / QUANTIZE_REPORT_FILE, report)
+        with writing_output(options.output_dir, QUANTIZE_REPORT_FILE):
+            write_json(staging / QUANTIZE_REPORT_FILE, report)
     return report
 
 
@@ -445,93 +541,25 @@ def format_loss_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> HfArgumentParser:
+    from transformers import HfArgumentParser
+    from transformers.hf_argparser import DataClassType
+
+    return HfArgumentParser(
+        DataClassType(QuantizeArguments),
         description="GPTQ-quantize a full-precision Qwen checkpoint to Int4/Int8 (gptqmodel, CPU or GPU). "
-        "The output loads directly with AutoModelForCausalLM.from_pretrained and trains with Q-LoRA.",
+        "The output loads directly with AutoModelForCausalLM.from_pretrained and trains with Q-LoRA. "
+        "Reference: docs/after_training.md.",
     )
-    parser.add_argument("--model_name_or_path", required=True, help="full-precision checkpoint directory")
-    parser.add_argument(
-        "--data_path", required=True, help="calibration conversations: .json/.jsonl files, comma-separated"
-    )
-    parser.add_argument(
-        "--out_path", "--output_dir", dest="out_path", required=True, help="directory to write"
-    )
-    parser.add_argument("--bits", type=int, default=4, help=f"bits per weight: {SUPPORTED_BITS} (default 4)")
-    parser.add_argument(
-        "--group-size",
-        "--group_size",
-        dest="group_size",
-        type=int,
-        default=128,
-        help="quantization group size",
-    )
-    parser.add_argument("--max_len", type=int, default=8192, help="longest calibration sample in tokens")
-    parser.add_argument(
-        "--num_samples", type=int, default=128, help="calibration samples to use (default 128)"
-    )
-    parser.add_argument("--desc_act", action="store_true", help="quantize columns by decreasing activation")
-    parser.add_argument(
-        "--damp_percent", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal"
-    )
-    parser.add_argument(
-        "--eval_data_path",
-        default=None,
-        help="held-out conversations for the loss report; default: set aside --num_eval_samples from --data_path",
-    )
-    parser.add_argument(
-        "--num_eval_samples", type=int, default=16, help="held-out samples for the loss report"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="float16",
-        choices=["float16", "bfloat16"],
-        help="dtype of scales and unquantized layers",
-    )
-    parser.add_argument("--max_shard_size", default="4GB", help="largest safetensors file to write")
-    parser.add_argument(
-        "--data_format",
-        default="auto",
-        choices=["auto", "qwen", "sharegpt", "openai", "alpaca"],
-        help="input format",
-    )
-    parser.add_argument("--system_message", default=DEFAULT_SYSTEM_PROMPT, help="default system prompt")
-    parser.add_argument(
-        "--data_cache_dir",
-        default=None,
-        help="tokenised-data cache (default: as finetune.py, ~/.cache/qwen_finetune)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    namespace = parser.parse_args(argv)
     log_to_stderr("gptq")
     try:
-        report = quantize_checkpoint(
-            args.model_name_or_path,
-            args.out_path,
-            args.data_path,
-            bits=args.bits,
-            group_size=args.group_size,
-            num_samples=args.num_samples,
-            max_len=args.max_len,
-            desc_act=args.desc_act,
-            damp_percent=args.damp_percent,
-            overwrite=args.overwrite,
-            eval_data_paths=args.eval_data_path,
-            num_eval_samples=args.num_eval_samples,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            data_format=args.data_format,
-            system_message=args.system_message,
-            data_cache_dir=args.data_cache_dir,
-            seed=args.seed,
-        )
-    except (ToolkitError, ValueError, OSError, MissingDependencyError) as error:
+        report = quantize_checkpoint(QuantizeArguments(**vars(namespace)))
+    except ToolkitError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     print(format_loss_table(report))

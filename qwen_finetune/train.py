@@ -9,32 +9,47 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-import transformers
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
-from qwen_finetune.args import LoraArguments, ModelArguments, TrainingArguments, parse_args
-from qwen_finetune.checkpoint import save_checkpoint_dir
-from qwen_finetune.data import DataArguments, DataError, make_supervised_data, run_check_data
+from qwen_finetune.args import RunArguments, TrainingArguments, parse_run_arguments
+from qwen_finetune.checkpoint_info import MEMORY_PLAN_FILE, TRAIN_SUMMARY_FILE
+from qwen_finetune.console import quiet_prints
+from qwen_finetune.data import DataError, PreparedData, make_supervised_data, run_check_data
 from qwen_finetune.data.collate import ROW_LENGTHS
 from qwen_finetune.errors import ArgumentError, ToolkitError
-from qwen_finetune.modeling import TrainingPlan, count_parameters, load_model, load_tokenizer, plan_training
-from qwen_model.chunked_loss import IGNORE_INDEX
+from qwen_finetune.fsdp import activate_fsdp_on_cpu, check_fsdp_request
+from qwen_finetune.json_files import write_json
+from qwen_finetune.memory_plan import PreferenceSetup, RunPlan, plan_run
+from qwen_finetune.model_dir import (
+    INITIAL_ADAPTER_DIR,
+    is_peft_model,
+    save_initial_adapter,
+    save_trained_model,
+)
+from qwen_finetune.model_loading import fill_special_token_ids, load_model, load_tokenizer
+from qwen_finetune.preference import make_preference_data
+from qwen_finetune.preference.reference import ReferenceKind, choose_reference, describe_reference
+from qwen_finetune.preference.summary import format_preference_summary, preference_summary
+from qwen_finetune.report.build import write_report
+from qwen_finetune.report.callback import ReportCallback
+from qwen_finetune.report.logged_values import extra_log_values
+from qwen_finetune.run_metrics import TokenMeter, build_summary, format_log_line, format_summary
+from qwen_finetune.sample_answers import SampleAnswersCallback, build_sample_prompts, find_tensorboard
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
+from qwen_finetune.training_mode import TrainingMode, choose_training_mode, mutates_base_weights
 
 logger = logging.getLogger("qwen_finetune")
 
-SUMMARY_FILE = "train_summary.json"
 BOOKKEEPING_KEYS = (ROW_LENGTHS,)  # batch entries for the trainer only, never model arguments
 
 
@@ -43,74 +58,25 @@ def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in inputs.items() if key not in BOOKKEEPING_KEYS}
 
 
-# ----------------------------------------------------------------------------------- token accounting
-
-
-class TokenMeter:
-    """Counts real (non-padding) tokens and supervised tokens per process; totals are summed over
-    processes at each log. Real tokens come from the packed rows' lengths (packed batches have no
-    attention mask), else from the attention mask; a batch with neither has no padding."""
-
-    def __init__(self) -> None:
-        self.pending: torch.Tensor | None = None  # [tokens, supervised tokens] since the last sync, on device
-        self.tokens = 0
-        self.supervised = 0
-        self.session_tokens = 0
-        self.last_sync: float | None = None  # set at the first counted batch
-        self.restored = False
-
-    def count(self, inputs: dict[str, torch.Tensor]) -> None:
-        if self.last_sync is None:
-            self.last_sync = time.perf_counter()
-        lengths, mask, input_ids = inputs.get(ROW_LENGTHS), inputs.get("attention_mask"), inputs["input_ids"]
-        if lengths is not None:
-            tokens = lengths.sum()
-        elif mask is not None:
-            tokens = mask.sum()
-        else:
-            tokens = torch.tensor(input_ids.numel(), device=input_ids.device)
-        supervised = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
-        counts = torch.stack([tokens.long(), supervised.long()])  # stays on the device: no sync per step
-        self.pending = counts if self.pending is None else self.pending + counts
-
-    def restore(self, log_history: list[dict[str, Any]]) -> None:
-        """After a resume, continue the totals from the last training log of the checkpoint."""
-        self.restored = True
-        for entry in reversed(log_history):
-            if "supervised_tokens_seen" in entry:
-                self.tokens = int(entry["tokens_seen"])
-                self.supervised = int(entry["supervised_tokens_seen"])
-                return
-
-    def sync(self, trainer: Trainer) -> dict[str, float]:
-        """Sum the pending counts over processes (collective: every process logs at the same steps)."""
-        local = self.pending if self.pending is not None else torch.zeros(2, dtype=torch.long)
-        pending = trainer.accelerator.reduce(local.to(trainer.args.device), reduction="sum").cpu()
-        self.pending = None
-        now = time.perf_counter()
-        interval = max(now - (self.last_sync or now), 1e-9)
-        self.last_sync = now
-        new_tokens, new_supervised = (int(value) for value in pending)
-        self.tokens += new_tokens
-        self.supervised += new_supervised
-        self.session_tokens += new_tokens
-        return {
-            "tokens_seen": self.tokens,
-            "supervised_tokens_seen": self.supervised,
-            "tokens_per_second": round(new_tokens / interval, 1),
-        }
-
-
 class QwenTrainer(Trainer):
     """The HF Trainer plus token accounting and our self-contained checkpoint directories.
 
     Batches reach the model only through compute_loss (training) and prediction_step (evaluation,
     which calls compute_loss when the batch has labels); both drop the bookkeeping entries first."""
 
-    def __init__(self, *args: Any, plan: TrainingPlan, **kwargs: Any) -> None:
+    args: TrainingArguments
+
+    def __init__(
+        self, *args: Any, mode: TrainingMode, initial_adapter: Path | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.plan = plan
+        self.mode = mode
+        self.initial_adapter = initial_adapter  # PiSSA / OLoRA: converts the final adapter to plain LoRA
         self.meter = TokenMeter()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        activate_fsdp_on_cpu(self)  # accelerate applies --fsdp on GPUs only; on CPU it would run DDP
 
     def compute_loss(
         self,
@@ -120,9 +86,14 @@ class QwenTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         if model.training:
-            self.meter.count(inputs)
+            self.meter.count(inputs)  # before model_inputs(): packed rows' real lengths are bookkeeping
+        inputs = model_inputs(inputs)
+        if model.training:
+            # The loss straight from the hidden states, in chunks: the [tokens x vocabulary] logits
+            # (151,936 columns) are never formed during training (unless a caller asks for them).
+            inputs.setdefault("skip_logits", True)
         return super().compute_loss(
-            model, model_inputs(inputs), return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
     def prediction_step(
@@ -141,9 +112,8 @@ class QwenTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            if not self.meter.restored:
-                self.meter.restore(self.state.log_history)
             logs.update(self.meter.sync(self))
+        logs.update(extra_log_values(self, logs))
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -151,16 +121,18 @@ class QwenTrainer(Trainer):
         # after ZeRO-3 weights were gathered) so every saved directory has the same, complete layout.
         if not self.args.should_save:
             return
-        save_checkpoint_dir(
+        directory = Path(output_dir or str(self.args.output_dir))
+        final = directory.resolve() == Path(str(self.args.output_dir)).resolve()
+        save_trained_model(
             self.accelerator.unwrap_model(self.model),
-            output_dir or self.args.output_dir,
+            directory,
             state_dict=state_dict,
-            is_main_process=True,
-            tokenizer=self.processing_class,
-            source_checkpoint=self.plan.checkpoint.path,
-            chatml_trained=self.plan.train_embeddings,
+            tokenizer=cast(QwenTokenizerLike, self.processing_class),
+            source_checkpoint=self.mode.checkpoint.path,
+            chatml_trained=self.mode.train_embeddings,
             max_shard_size=self.args.max_shard_size,
             training_args=self.args,
+            initial_adapter=self.initial_adapter if final else None,
         )
 
 
@@ -187,22 +159,6 @@ class TrainingLog(TrainerCallback):
             sys.stdout.flush()
 
 
-def format_log_line(logs: dict[str, Any], state: Any) -> str | None:
-    if "loss" in logs:
-        parts = [f"step {state.global_step}/{state.max_steps}", f"epoch {logs.get('epoch', 0):.2f}"]
-        parts.append(f"loss {logs['loss']:.4f}")
-        if "learning_rate" in logs:
-            parts.append(f"lr {logs['learning_rate']:.3g}")
-        if "grad_norm" in logs:
-            parts.append(f"grad_norm {logs['grad_norm']:.3g}")
-        parts.append(f"{logs.get('tokens_per_second', 0):.0f} tokens/s")
-        parts.append(f"supervised tokens {logs.get('supervised_tokens_seen', 0)}")
-        return " | ".join(parts)
-    if "eval_loss" in logs:
-        return f"step {state.global_step}/{state.max_steps} | eval_loss {logs['eval_loss']:.4f}"
-    return None
-
-
 # --------------------------------------------------------------------------------------------- checks
 
 
@@ -212,9 +168,8 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     if not value:
         return None
     if str(value).lower() in ("true", "latest", "last"):
-        last = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        )
+        output_dir = str(training_args.output_dir)
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if last is None:
             raise ArgumentError(
                 f"--resume_from_checkpoint {value}: no checkpoint-N directory in {training_args.output_dir}; "
@@ -230,7 +185,7 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
 
 
 def check_output_dir(training_args: TrainingArguments, resuming: bool) -> None:
-    output = Path(training_args.output_dir)
+    output = Path(str(training_args.output_dir))
     if resuming or training_args.overwrite_output_dir or not output.is_dir():
         return
     if any(output.iterdir()):
@@ -240,85 +195,38 @@ def check_output_dir(training_args: TrainingArguments, resuming: bool) -> None:
         )
 
 
-# -------------------------------------------------------------------------------------------- summary
-
-
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
-
-
-def build_summary(trainer: QwenTrainer, plan: TrainingPlan, train_metrics: dict[str, Any]) -> dict[str, Any]:
-    """Run summary; collective (peak memory is the maximum over processes)."""
-    args = trainer.args
-    memory, kind = peak_memory_bytes(args.device)
-    gathered = trainer.accelerator.gather(torch.tensor([memory], device=args.device))
-    memory = int(gathered.max().item())
-    trainable, total = count_parameters(trainer.model)
-    runtime = float(train_metrics.get("train_runtime", 0.0))
-    meter = trainer.meter
-    return {
-        "mode": plan.describe(),
-        "train_embeddings": plan.train_embeddings,
-        "train_embeddings_reason": plan.embeddings_reason,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "global_steps": trainer.state.global_step,
-        "train_loss": train_metrics.get("train_loss"),
-        "tokens_seen": meter.tokens,
-        "supervised_tokens_seen": meter.supervised,
-        "tokens_per_second": round(meter.session_tokens / runtime, 1) if runtime > 0 else None,
-        "train_runtime_seconds": round(runtime, 2),
-        "peak_memory_bytes": memory,
-        "peak_memory_kind": kind,
-        "processes": trainer.accelerator.num_processes,
-        "output_dir": str(Path(args.output_dir).resolve()),
-    }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    share = 100.0 * summary["trainable_parameters"] / max(summary["total_parameters"], 1)
-    loss = "n/a" if summary["train_loss"] is None else f"{summary['train_loss']:.4f}"
-    lines = [
-        "training summary",
-        f"  mode                   {summary['mode']}",
-        f"  trainable parameters   {summary['trainable_parameters']:,} of {summary['total_parameters']:,} ({share:.2f}%)",
-        f"  steps                  {summary['global_steps']}",
-        f"  train loss             {loss}",
-        f"  tokens seen            {summary['tokens_seen']:,} ({summary['supervised_tokens_seen']:,} supervised)",
-        f"  throughput             {summary['tokens_per_second']} tokens/s over {summary['processes']} process(es)",
-        f"  peak memory            {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']}, "
-        "max over processes)",
-        f"  output                 {summary['output_dir']}",
-    ]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------- runs
 
 
 @dataclass
 class TrainingRun:
     trainer: QwenTrainer
-    plan: TrainingPlan
+    mode: TrainingMode
     summary: dict[str, Any]
 
 
-def train(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: TrainingArguments,
-    lora_args: LoraArguments,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> TrainingRun:
+def train(arguments: RunArguments, callbacks: Sequence[TrainerCallback] = ()) -> TrainingRun:
     """One training run; raises ArgumentError / DataError before loading weights when the setup is wrong."""
-    plan = plan_training(model_args, lora_args, training_args)
-    logger.info("training mode: %s", plan.describe())
-    if plan.method != "full":
+    training_args, lora_args = arguments.training, arguments.lora
+    mode = choose_training_mode(arguments.model, lora_args, training_args)
+    check_fsdp_request(training_args, mode, lora_args)
+    logger.info("training mode: %s", mode.describe())
+    if mode.method != "full":
         logger.info(
-            "trainable embeddings (wte, lm_head): %s (%s)", plan.train_embeddings, plan.embeddings_reason
+            "trainable embeddings (wte, lm_head): %s (%s)", mode.train_embeddings, mode.embeddings_reason
         )
+    preference = arguments.preference
+    reference_kind = choose_reference(preference, mode, lora_args) if preference.stage == "dpo" else None
+    if reference_kind is not None:
+        logger.info(
+            "preference loss %s; reference: %s", preference.pref_loss, describe_reference(reference_kind)
+        )
+    plan = memory_plan(arguments, mode, reference_kind)
+    if training_args.process_index == 0:
+        print(plan.one_line(), flush=True)
+        misfit = plan.warning()
+        if misfit is not None:
+            logger.warning(misfit)
     resume = resolve_resume(training_args)
     check_output_dir(training_args, resuming=resume is not None)
     _ = training_args.device  # sets up the process group
@@ -328,44 +236,91 @@ def train(
         # communication layer up; on CPU (use_cpu) nothing else would have started it yet.
         import deepspeed
 
-        deepspeed.init_distributed()
+        with quiet_prints():  # "... built successfully" on every CPU start
+            deepspeed.init_distributed()
 
-    tokenizer = load_tokenizer(plan.checkpoint.path, training_args.model_max_length)
-    data = make_supervised_data(
-        data_args,
+    tokenizer = load_tokenizer(mode.checkpoint.path, training_args.model_max_length)
+    data: PreparedData[Any] = (make_supervised_data if reference_kind is None else make_preference_data)(
+        arguments.data,
         tokenizer,
         training_args.model_max_length,
         per_device_batch_size=training_args.per_device_train_batch_size,
         main_process_first=lambda: training_args.main_process_first(local=True, desc="data preparation"),
         output_dir=training_args.output_dir,
     )
-    set_seed(training_args.seed)  # new adapter weights are random: same seed, same run
-    model = load_model(plan, lora_args, training_args)
-    trainer = QwenTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train_dataset,
-        eval_dataset=data.eval_dataset,
-        data_collator=data.data_collator,
-        processing_class=tokenizer,
-        plan=plan,
+    if training_args.should_save:
+        write_json(Path(str(training_args.output_dir)) / MEMORY_PLAN_FILE, plan.to_json())
+    prompts = build_sample_prompts(
+        arguments.samples,
+        tokenizer,
+        arguments.data.encoding_options(training_args.model_max_length),
+        data.eval_samples,
+        evaluates=training_args.eval_strategy != IntervalStrategy.NO,
     )
+    report = ReportCallback()  # checks its dependencies before any weight is loaded
+    set_seed(training_args.seed)  # new adapter weights are random: same seed, same run
+    model = load_model(mode, lora_args, training_args)
+    fill_special_token_ids(model, tokenizer)
+    initial_adapter = None
+    if (
+        mode.method != "full"
+        and mode.adapter_to_continue is None
+        and mutates_base_weights(lora_args.init_lora_weights)
+    ):
+        initial_adapter = Path(str(training_args.output_dir)) / INITIAL_ADAPTER_DIR
+        if training_args.should_save and is_peft_model(model):
+            save_initial_adapter(model, Path(str(training_args.output_dir)))
+    trainer_arguments: dict[str, Any] = {
+        "model": model,
+        "args": training_args,
+        "train_dataset": data.train_dataset,
+        "eval_dataset": data.eval_dataset,
+        "data_collator": data.data_collator,
+        "processing_class": tokenizer,
+        "mode": mode,
+        "initial_adapter": initial_adapter,
+    }
+    if reference_kind is None:
+        trainer = QwenTrainer(**trainer_arguments)
+    else:
+        # imported here: the preference trainer is built on QwenTrainer, defined in this module
+        from qwen_finetune.preference.trainer import make_preference_trainer
+
+        trainer = make_preference_trainer(arguments, reference_kind, **trainer_arguments)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if not training_args.disable_tqdm:
         trainer.add_callback(ProgressBar())
     trainer.add_callback(TrainingLog())
+    if prompts:
+        trainer.add_callback(
+            SampleAnswersCallback(
+                prompts,
+                tokenizer,
+                max_new_tokens=arguments.samples.sample_max_new_tokens,
+                tensorboard=find_tensorboard(trainer),
+            )
+        )
+    trainer.add_callback(report)
     for callback in callbacks:
         trainer.add_callback(callback)
 
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
-    summary = build_summary(trainer, plan, result.metrics)
+    trainer.meter.sync(trainer)  # the tokens of the steps after the last log (collective)
+    summary = build_summary(trainer, mode, trainer.meter, result.metrics)
+    summary_text = format_summary(summary)
+    if reference_kind is not None:
+        summary["preference"] = preference_summary(trainer.state.log_history, preference, reference_kind)
+        summary_text += "\n" + format_preference_summary(summary["preference"])
     if trainer.is_world_process_zero():
-        print(format_summary(summary), flush=True)
-        (Path(training_args.output_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return TrainingRun(trainer, plan, summary)
+        print(summary_text, flush=True)
+        (Path(str(training_args.output_dir)) / TRAIN_SUMMARY_FILE).write_text(
+            json.dumps(summary, indent=2) + "\n"
+        )
+        logger.info("report: %s", write_report(str(training_args.output_dir)))
+    return TrainingRun(trainer, mode, summary)
 
 
 def configure_logging() -> None:
@@ -377,53 +332,79 @@ def configure_logging() -> None:
     package_logger.handlers[:] = [handler]
     package_logger.setLevel(level)
     package_logger.propagate = False
-    transformers.utils.logging.set_verbosity_warning()
 
 
-def release_process_group() -> None:
-    """End a multi-process run in order: wait for every rank, then tear the process group down.
+def release_process_group(finished: bool) -> None:
+    """End a multi-process run in order, also when it failed.
 
-    Left to interpreter shutdown, a rank that exits first closes its connections while the others may
-    still be writing; once in three CI runs a ZeRO-3 run finished, saved and printed its summary, then
-    rank 0 aborted at exit ("terminate called without an active exception", SIGABRT), so torchrun
-    reported a failed run.
+    After a finished run every rank waits for the others, then the process group is torn down: left to
+    interpreter shutdown, a rank that exits first closes its connections while the others may still be
+    writing (once in three CI runs a ZeRO-3 run saved and printed its summary, then rank 0 aborted at
+    exit with SIGABRT, so torchrun reported a failed run). After a failure there is no wait, since the
+    other ranks may never arrive.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of finetune.py (and the `qwen-finetune` console script); returns the exit code."""
     configure_logging()
+    finished = False
     try:
-        model_args, data_args, training_args, lora_args = parse_args(argv)
-    except (ToolkitError, ValueError) as error:  # a flag value __post_init__ rejected
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        if data_args.check_data:
-            return check_data(model_args, data_args, training_args)
-        train(model_args, data_args, training_args, lora_args)
-        release_process_group()
-    except ArgumentError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+        arguments = parse_run_arguments(argv)
+        if arguments.data.check_data:
+            return check_data(arguments)
+        if arguments.training.plan:
+            return print_plan(arguments)
+        train(arguments)
+        finished = True
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr, flush=True)
         return 1
+    except ToolkitError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        release_process_group(finished)
     return 0
 
 
-def check_data(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> int:
-    """--check_data: only the tokenizer is loaded, never the model."""
-    if not model_args.model_name_or_path:
+def memory_plan(arguments: RunArguments, mode: TrainingMode, reference: ReferenceKind | None) -> RunPlan:
+    """The run's memory and time plan, from the flags and config.json alone."""
+    return plan_run(
+        arguments.model,
+        arguments.data,
+        arguments.training,
+        arguments.lora,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        mode=mode,
+        preference=None if reference is None else PreferenceSetup(reference),
+    )
+
+
+def print_plan(arguments: RunArguments) -> int:
+    """--plan: the memory and time per device, then exit; no weight is loaded, nothing is written."""
+    mode = choose_training_mode(arguments.model, arguments.lora, arguments.training)
+    preference = arguments.preference
+    reference = choose_reference(preference, mode, arguments.lora) if preference.stage == "dpo" else None
+    print(memory_plan(arguments, mode, reference).table(), flush=True)
+    return 0
+
+
+def check_data(arguments: RunArguments) -> int:
+    """--check_data: only the tokenizer is loaded, never the model; pairs with --stage dpo."""
+    if not arguments.model.model_name_or_path:
         raise ArgumentError("--check_data needs --model_name_or_path (for its tokenizer)")
-    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.model_max_length)
+    training_args = arguments.training
+    tokenizer = load_tokenizer(arguments.model.model_name_or_path, training_args.model_max_length)
     return run_check_data(
-        data_args,
+        arguments.data,
         tokenizer,
         training_args.model_max_length,
         output_dir=None,
         per_device_batch_size=training_args.per_device_train_batch_size,
+        kind="preference" if arguments.preference.stage == "dpo" else "supervised",
     )

@@ -5,6 +5,8 @@ checkpoint directory loads unchanged. Fields this file does not know are kept as
 written back on save), like every transformers config.
 """
 
+from typing import Any
+
 import torch
 from transformers import PreTrainedConfig
 
@@ -64,7 +66,7 @@ class QWenConfig(PreTrainedConfig):
     use_cache_quantization: bool = False
     use_cache_kernel: bool = False
 
-    def __post_init__(self, **kwargs) -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         self.validate_architecture()
 

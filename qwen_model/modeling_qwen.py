@@ -8,12 +8,12 @@ generation come from transformers (``ALL_ATTENTION_FUNCTIONS``, ``create_causal_
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, packed_sequence_mask_function
@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .chat_format import DEFAULT_SYSTEM_PROMPT
 from .chunked_loss import causal_lm_loss
 from .configuration_qwen import PRECISION_FLAG_DTYPES, QWenConfig
+from .qwen_generation_utils import StopWordsLogitsProcessor, chat, chat_stream
 
 # Attribute under which the per-row dynamic-NTK alphas chosen at prefill travel with the KV cache (a list).
 NTK_ALPHAS_CACHE_ATTRIBUTE = "qwen_ntk_alphas"
@@ -126,7 +127,7 @@ class QWenRotaryEmbedding(nn.Module):
         length = int(position_ids.max()) + 1
         device = position_ids.device
         distinct = alphas.unique().tolist() if alphas is not None else [1.0]
-        if len(distinct) == 1:
+        if alphas is None or len(distinct) == 1:
             cos, sin = self.tables(distinct[0], length, device)
             return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
         position_ids = position_ids.expand_as(alphas)
@@ -332,12 +333,12 @@ class QWenPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Default init, plus the released scheme's smaller std for residual output projections."""
         super()._init_weights(module)
-        if getattr(module, RESIDUAL_PROJECTION_MARK, False):
+        if isinstance(module, nn.Linear) and getattr(module, RESIDUAL_PROJECTION_MARK, False):
             std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
         """Load as transformers does; without an explicit `dtype`, honour the original `bf16/fp16/fp32=True`.
 
         The flags may be passed as keyword arguments (as with the original code) or come on a `config`.
@@ -401,7 +402,7 @@ class QWenModel(QWenPreTrainedModel):
     def __init__(self, config: QWenConfig) -> None:
         _reject_unsupported_features(config)
         super().__init__(config)
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
         self.drop = nn.Dropout(config.emb_dropout_prob)
         self.h = nn.ModuleList(
             [QWenBlock(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
@@ -444,21 +445,24 @@ class QWenModel(QWenPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
+        positions = (
+            position_ids
+            if position_ids is not None
+            else torch.arange(past_length, past_length + length, device=inputs_embeds.device)
+        )
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0)
 
-        alphas = self._ntk_alphas(attention_mask, position_ids, past_key_values, past_length, batch, length)
-        position_embeddings = self.rotary_emb(position_ids, alphas)
+        alphas = self._ntk_alphas(attention_mask, positions, past_key_values, past_length, batch, length)
+        position_embeddings = self.rotary_emb(positions, alphas)
         logn_scale = None
         if self.config.use_logn_attn and not self.training:
-            logn_scale = logn_query_scale(position_ids, self.config.seq_length)
-        segment_lengths = self._packed_segment_lengths(attention_mask, position_ids, past_length, batch)
+            logn_scale = logn_query_scale(positions, self.config.seq_length)
+        segment_lengths = self._packed_segment_lengths(attention_mask, positions, past_length, batch)
         causal_mask = None
         if segment_lengths is None:
             causal_mask = self._causal_mask(
-                inputs_embeds, attention_mask, past_key_values, past_length, position_ids
+                inputs_embeds, attention_mask, past_key_values, past_length, positions
             )
         else:
             kwargs["segment_lengths"] = segment_lengths
@@ -471,7 +475,7 @@ class QWenModel(QWenPreTrainedModel):
                 attention_mask=causal_mask,
                 logn_scale=logn_scale,
                 past_key_values=past_key_values,
-                position_ids=position_ids,
+                position_ids=positions,
                 **kwargs,
             )
         return BaseModelOutputWithPast(
@@ -547,8 +551,9 @@ class QWenModel(QWenPreTrainedModel):
         past_key_values: Cache | None,
         past_length: int,
         position_ids: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """The backend's causal mask with padding and packed-segment (block-diagonal) structure.
+    ) -> Any:
+        """The backend's causal mask (a tensor, a flex-attention BlockMask, or None) with padding and
+        packed-segment (block-diagonal) structure.
 
         transformers detects packed rows from position ids only without a 2D mask; a mask of ones is dropped
         for that, and packed rows that also carry padding get the segment structure as an extra mask term.
@@ -614,15 +619,14 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Logits and, with `labels` (not shifted by the caller, -100 ignored), the next-token loss.
 
-        `skip_logits=None` skips the logits when training with labels: the loss is then computed in chunks
-        from the hidden states and `logits` is None. `skip_logits=False` always returns logits.
+        `skip_logits=True` (with labels) skips the logits: the loss is then computed in chunks from the hidden
+        states, the [tokens x vocabulary] logits never exist, and `logits` is None. This is what the toolkit's
+        trainer asks for; by default (None or False) the logits are returned, in training mode too.
         `logits_to_keep` (set by generate) limits the logits to the last positions.
         Packed rows (position ids restarting inside a row) are shifted as one sequence: this relies on the
         data pipeline's -100 on each sample's first label, which drops the cross-sample prediction.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        if skip_logits is None:
-            skip_logits = self.training and labels is not None
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True needs labels: without them there is nothing to compute.")
         outputs: BaseModelOutputWithPast = self.transformer(
@@ -634,7 +638,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
+        hidden_states = cast(torch.Tensor, outputs.last_hidden_state)
         logits = None if skip_logits else self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         loss = None
@@ -651,6 +655,32 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    def generate(  # type: ignore[override]  # stop_words_ids added, the rest passed through
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stop_words_ids: list[list[int]] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' generate, honouring `stop_words_ids` as the original Qwen code did.
+
+        `stop_words_ids` (this argument, else the generation config's field) are token-id sequences of any
+        length: a row that generates one gets the end-of-text token (`eos_token_id`) right after it and is
+        finished there (see `qwen_generation_utils.StopWordsLogitsProcessor`).
+        """
+        config = generation_config if generation_config is not None else self.generation_config
+        if stop_words_ids is None:
+            stop_words_ids = getattr(config, "stop_words_ids", None)
+        if stop_words_ids:
+            eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
+            logits_processor = LogitsProcessorList(
+                [*(logits_processor or []), StopWordsLogitsProcessor(stop_words_ids, eos_token_id)]
+            )
+        return super().generate(  # type: ignore[misc]  # GenerationMixin types its self as a protocol
+            inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
+        )
+
     def chat(
         self,
         tokenizer: Any,
@@ -661,8 +691,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> Any:
         """One ChatML turn; see `qwen_generation_utils.chat` (returns the response and the new history)."""
-        from .qwen_generation_utils import chat
-
         return chat(
             self,
             tokenizer,
@@ -683,8 +711,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> Any:
         """Streaming variant of `chat`; see `qwen_generation_utils.chat_stream`."""
-        from .qwen_generation_utils import chat_stream
-
         return chat_stream(
             self,
             tokenizer,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README demo: set-up, then fine-tune a tiny random-init Qwen chat model on data/example.json until it
 # visibly learns the conversations (its answer before and after), then the whole after-training chain
-# (LoRA -> merge -> GPTQ Int4 -> Q-LoRA -> chat). CPU only; about 10 minutes on 2 cores.
+# (LoRA -> merge -> GPTQ Int4 -> Q-LoRA -> chat), and the GGUF export answering in llama.cpp. CPU only;
+# about 10 minutes on 2 cores.
 # Usage: bash scripts/demo.sh [WORK_DIR]
 set -euo pipefail
 
@@ -43,3 +44,20 @@ echo "(the training answer: $("$PYTHON" -c 'import json; print(json.load(open("d
 
 printf '\n==== the after-training chain, starting from the fine-tuned model\n'
 bash scripts/demo_chain.sh "$WORK/chain" "$WORK/full"
+
+printf '\n==== export to GGUF for llama.cpp / Ollama (q8_0, checked against PyTorch)\n'
+"$PYTHON" export_gguf.py --model_dir "$WORK/full" --out "$WORK/gguf/full-q8_0.gguf" --outtype q8_0 --verify
+printf '\n==== llama.cpp answers from the GGUF file: %s\n' "$QUESTION"
+"$PYTHON" - "$WORK/gguf/full-q8_0.gguf" "$QUESTION" <<'PY'
+import sys
+
+from llama_cpp import Llama
+
+llm = Llama(model_path=sys.argv[1], verbose=False)
+reply = llm.create_chat_completion(
+    messages=[{"role": "user", "content": sys.argv[2]}], max_tokens=48, temperature=0
+)
+print("llama.cpp:", reply["choices"][0]["message"]["content"])
+llm.close()
+PY
+echo "(PyTorch, greedy: $("$PYTHON" cli_demo.py -c "$WORK/full" --query "$QUESTION" --max_new_tokens 48 --greedy 2>/dev/null))"

@@ -16,8 +16,12 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 WORK="${1:-$(mktemp -d "${TMPDIR:-/tmp}/qwen-demo-chain.XXXXXX")}"
 DATA="data/example.json"
 QUERY="Who are you?"
+# A random model needs large steps to move at all; a trained one small steps, or the LoRA and Q-LoRA runs
+# undo what it learned (its answers are what the demo checks).
+LEARNING_RATE=1e-2
+[[ -z "${2:-}" ]] || LEARNING_RATE=2e-4
 # Short CPU runs: a few steps in fp32 without DeepSpeed; drop these flags on a GPU with a real model.
-QUICK=(--max_steps 8 --gradient_accumulation_steps 1 --model_max_length 256 --learning_rate 1e-2
+QUICK=(--max_steps 8 --gradient_accumulation_steps 1 --model_max_length 256 --learning_rate "$LEARNING_RATE"
     --lr_scheduler_type constant --warmup_ratio 0 --save_strategy no --deepspeed none)
 
 step() { printf '\n==== %s\n' "$*"; }

@@ -24,18 +24,21 @@ wanted_stamp() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum
 
 vocab_is_valid() { [[ -f "$VOCAB" ]] && [[ "$(sha256_of "$VOCAB")" == "$VOCAB_SHA256" ]]; }
 
-install_openmpi() {
-    if command -v mpirun >/dev/null 2>&1 && command -v mpicc >/dev/null 2>&1; then
-        return
-    fi
+install_system_packages() {
+    # OpenMPI for mpi4py / mpirun (single-process DeepSpeed launches); Chromium to check that the run
+    # report renders (tests). Both from Debian.
+    local mpi=() browser=()
+    command -v mpirun >/dev/null 2>&1 && command -v mpicc >/dev/null 2>&1 || mpi=(libopenmpi-dev openmpi-bin)
+    command -v chromium >/dev/null 2>&1 || browser=(chromium)
+    [[ ${#mpi[@]} -gt 0 || ${#browser[@]} -gt 0 ]] || return 0
     local sudo=""
     if [[ "$(id -u)" != "0" ]]; then
-        command -v sudo >/dev/null 2>&1 || { log "OpenMPI missing and not root: mpirun-based launches will not work"; return; }
+        command -v sudo >/dev/null 2>&1 || { log "not root and no sudo: cannot install ${mpi[*]} ${browser[*]}"; return; }
         sudo="sudo"
     fi
-    log "installing OpenMPI (Debian packages libopenmpi-dev openmpi-bin) for mpi4py / mpirun"
+    log "installing Debian packages: ${mpi[*]} ${browser[*]}"
     $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${mpi[@]}" "${browser[@]}" >/dev/null
 }
 
 install_python_packages() {
@@ -51,6 +54,9 @@ install_python_packages() {
     "${pip[@]}" install -c constraints.txt --no-build-isolation deepspeed
     log "installing qwen-finetune with all extras (pinned by constraints.txt)"
     "${pip[@]}" install -c constraints.txt -e ".[all]"
+    # gptqmodel declares torchao (used only for FP4 formats and Triton kernels) and maturin (a build tool);
+    # neither is used here, and torchao prints "Failed to load ..." on every import without a GPU.
+    "${pip[@]}" uninstall -y torchao maturin
 }
 
 fetch_vocab() {
@@ -84,7 +90,7 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(wanted_stamp)" ]] && vocab_is_valid
     exit 0
 fi
 
-install_openmpi
+install_system_packages
 install_python_packages
 fetch_vocab
 wanted_stamp >"$STAMP"

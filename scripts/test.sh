@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: set-up (idempotent), lint, then the whole pytest suite.
+# The test command: set-up (idempotent), lint, type check, then the whole pytest suite.
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
 set -euo pipefail
 
@@ -15,6 +15,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 echo "[test] ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+
+echo "[test] mypy (qwen_model, qwen_finetune)"
+.venv/bin/mypy
 
 echo "[test] pytest"
 set +e

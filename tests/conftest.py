@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,14 @@ def vocab_file() -> Path:
     from qwen_model.tiny import default_vocab_file
 
     return Path(default_vocab_file())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_file: Path) -> Any:
+    """The Qwen tokenizer on the real vocabulary (no checkpoint needed)."""
+    from qwen_model.tokenization_qwen import QWenTokenizer
+
+    return QWenTokenizer(vocab_file=str(vocab_file))
 
 
 @pytest.fixture(scope="session")

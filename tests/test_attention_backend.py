@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qwen_finetune import modeling
+from qwen_finetune import model_loading
 
 
 def _choose(device: str, dtype: torch.dtype) -> str:
-    plan = SimpleNamespace(dtype=dtype)
+    mode = SimpleNamespace(dtype=dtype)
     training_args = SimpleNamespace(device=torch.device(device))
-    return modeling.attention_backend(plan, training_args)
+    return model_loading.attention_backend(mode, training_args)
 
 
 @pytest.mark.parametrize(
@@ -35,5 +35,5 @@ def test_attention_backend(monkeypatch, device, dtype, flash_installed, expected
             return object() if flash_installed else None
         return real_find_spec(name, *args)
 
-    monkeypatch.setattr(modeling.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(model_loading.importlib.util, "find_spec", find_spec)
     assert _choose(device, dtype) == expected

@@ -134,3 +134,55 @@ def test_bad_paths_give_a_clear_error(
     filled = [arg.format(tmp=tmp_path, ckpt=tiny_chat_checkpoint) for arg in args]
     code, _, err = run_query(capsys, *filled, "--query", QUERY)
     assert code == 1 and message in err
+
+
+def test_stop_words_of_any_length_end_the_reply(
+    tiny_chat_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen_model.qwen_generation_utils import make_context
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_checkpoint).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_checkpoint)
+    prompt = torch.tensor([make_context(tokenizer, QUERY)[1]])
+    generated = model.generate(prompt, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, stop_words_ids=[])
+    new_ids = generated[0, prompt.shape[1] :].tolist()
+    start = next(
+        i
+        for i in range(1, 5)
+        if tokenizer.encode_text(tokenizer.decode(new_ids[i : i + 2])) == new_ids[i : i + 2]
+    )
+    stop_word = tokenizer.decode(new_ids[start : start + 2])
+
+    code, out, _ = run_query(
+        capsys, "-c", str(tiny_chat_checkpoint), "--query", QUERY, "--greedy", "--stop_words", stop_word
+    )
+    expected, _ = model.chat(
+        tokenizer,
+        QUERY,
+        do_sample=False,
+        max_new_tokens=MAX_NEW_TOKENS,
+        stop_words_ids=[new_ids[start : start + 2]],
+    )
+    assert code == 0 and out == expected + "\n"
+    assert expected == tokenizer.decode(new_ids[: start + 2]).strip()  # the reply ends with the stop word
+
+
+def test_conf_refuses_settings_generation_cannot_use(capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import GenerationConfig
+
+    from qwen_finetune.chat_cli import ChatSession, LoadedChatModel, run_command
+
+    loaded = LoadedChatModel(None, None, GenerationConfig(do_sample=True, top_p=0.8, max_new_tokens=10), "m")
+    session = ChatSession(loaded, system="s", seed=0)
+    for line in (":conf top_p=high", ":conf do_sample=3", ":conf bogus=1", ":conf max_new_tokens=-2"):
+        assert run_command(session, line)
+    assert run_command(session, ":conf top_p=0.5")
+    out = capsys.readouterr().out
+    assert (
+        out.count("not changed") == 4
+        and "top_p takes a number" in out
+        and "bogus is not a generation setting" in out
+    )
+    assert session.overrides == {"top_p": 0.5}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen_finetune.data import DataArguments
 from qwen_finetune.data.chatml import IGNORE_INDEX, SKIP_NOTHING_LEFT_AFTER_CUT, SKIP_TOO_LONG, ChatMLEncoder
 from qwen_finetune.data.formats import load_file
 from qwen_finetune.data.turns import conversation_to_turns
@@ -19,15 +20,12 @@ IM_START, IM_END, NEWLINE = 151644, 151645, 198
 SYSTEM_ID, USER_ID, ASSISTANT_ID = 8948, 872, 77091
 
 
-@pytest.fixture(scope="module")
-def tokenizer(vocab_file: Path):
-    from qwen_model.tokenization_qwen import QWenTokenizer
-
-    return QWenTokenizer(vocab_file=str(vocab_file))
-
-
-def encode_file(tokenizer, path: Path | str, max_length: int = 4096, **options) -> list:
-    encoder = ChatMLEncoder(tokenizer, max_length=max_length, **options)
+def encode_file(
+    tokenizer, path: Path | str, max_length: int = 4096, allow_special: bool = False, **options
+) -> list:
+    """`options` are DataArguments fields (label_policy, truncation)."""
+    data_args = DataArguments(allow_special_tokens_in_data=allow_special, **options)
+    encoder = ChatMLEncoder(tokenizer, data_args.encoding_options(max_length))
     return [
         encoder.encode(conversation_to_turns(conversation, DEFAULT_SYSTEM))
         for conversation in load_file(path).conversations
@@ -288,7 +286,9 @@ def test_tool_results_are_masked_and_calls_are_trained(tokenizer, label_policy: 
         in trained
     )
     assert "temperature" not in trained
-    assert ' {"temperature": 21, "sky": "clear"}' in masked
+    # the turn is encoded whole: the result's closing '"}' and the newline before "Thought:" are one
+    # token, trained on because the newline is
+    assert ' {"temperature": 21, "sky": "clear' in masked and '"}\nThought:' in trained
 
 
 def test_real_tool_conversations_never_train_on_observations(tokenizer, shared_data_dir: Path) -> None:

@@ -16,13 +16,6 @@ EXAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "example.json")
 EOD = 151643
 
 
-@pytest.fixture(scope="module")
-def tokenizer(vocab_file: Path):
-    from qwen_model.tokenization_qwen import QWenTokenizer
-
-    return QWenTokenizer(vocab_file=str(vocab_file))
-
-
 def features(*lengths: int) -> list[dict[str, list[int]]]:
     return [
         {"input_ids": [100 + row * 10 + i for i in range(length)], "labels": list(range(1000, 1000 + length))}

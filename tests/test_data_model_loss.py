@@ -31,13 +31,6 @@ def model(tiny_chat_checkpoint: Path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(vocab_file: Path):
-    from qwen_model.tokenization_qwen import QWenTokenizer
-
-    return QWenTokenizer(vocab_file=str(vocab_file))
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first conversations of data/example.json (single- and multi-turn, Chinese and English)."""
     records = json.loads(Path(EXAMPLE).read_text())[:SAMPLES]

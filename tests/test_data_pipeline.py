@@ -14,18 +14,12 @@ from qwen_finetune.data import DataArguments, DataError, make_supervised_data, r
 from qwen_finetune.data.chatml import IGNORE_INDEX
 from qwen_finetune.data.dataset import encode_files
 from qwen_finetune.data.report import padding_efficiency
+from qwen_finetune.errors import ArgumentError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 QWEN_CHAT = str(FIXTURES / "qwen_chat.json")
 ALPACA = str(FIXTURES / "alpaca_history.json")
 EXAMPLE = str(Path(__file__).resolve().parent.parent / "data" / "example.json")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(vocab_file: Path):
-    from qwen_model.tokenization_qwen import QWenTokenizer
-
-    return QWenTokenizer(vocab_file=str(vocab_file))
 
 
 def data_args(tmp_path: Path, **overrides) -> DataArguments:
@@ -147,13 +141,8 @@ def _encode_in_rank(rank: int, cache_dir: str, init_file: str, vocab_file: str, 
     os.environ["LOCAL_RANK"] = str(rank)
     encoded = encode_files(
         [EXAMPLE],
-        tokenizer=QWenTokenizer(vocab_file=vocab_file),
-        max_length=512,
-        data_format="auto",
-        system_message="You are a helpful assistant.",
-        label_policy="qwen",
-        truncation="drop_turns",
-        allow_special=False,
+        QWenTokenizer(vocab_file=vocab_file),
+        DataArguments().encoding_options(512),
         num_workers=None,
         cache_dir=Path(cache_dir),
     )
@@ -306,5 +295,18 @@ def test_every_data_flag_parses_from_the_command_line(tmp_path: Path) -> None:
     ],
 )
 def test_flag_combinations_that_cannot_work(options: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ArgumentError, match=message):
         DataArguments(**options)
+
+
+def test_a_report_written_without_the_kind_setting_still_formats() -> None:
+    """data_stats.json files of earlier runs have no settings.kind: they are conversation reports."""
+    from qwen_finetune.data.report import format_report
+
+    settings = {"model_max_length": 64, "label_policy": "qwen", "truncation": "cut", "batching": "dynamic"}
+    stats = {"samples_read": 2, "samples_kept": 2, "samples_skipped": 0, "skipped": {}}
+    text = format_report({"settings": settings, "files": [], "train": stats})
+    assert text.splitlines() == [
+        "Data report (model_max_length 64, label_policy qwen, truncation cut, batching dynamic)",
+        "  train: 2 samples read, 2 kept, 0 skipped",
+    ]

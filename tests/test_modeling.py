@@ -4,8 +4,6 @@ PEFT and generation. Tiny random models built in-test, CPU only."""
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -407,7 +405,7 @@ def test_chunked_training_loss_equals_full_logits_loss(monkeypatch: pytest.Monke
 
     calls = []
     model.lm_head.register_forward_hook(lambda *_: calls.append(1))
-    chunked, chunked_grads = _loss_and_grads(model, input_ids=input_ids, labels=labels)
+    chunked, chunked_grads = _loss_and_grads(model, input_ids=input_ids, labels=labels, skip_logits=True)
     assert chunked.logits is None
     supervised = int((labels[:, 1:] != -100).sum())
     chunks = -(-supervised // 4)
@@ -430,9 +428,9 @@ def test_fused_loss_of_a_plain_lm_head_equals_full_logits_loss(
     same loss and gradients as full logits, for a trained and a frozen lm_head, under a loss scale."""
     monkeypatch.setattr(chunked_loss, "LOSS_CHUNK_TOKENS", 4)
     fused_calls = []
-    real_fusable = chunked_loss._fusable_weight
+    real_fusable = chunked_loss.fusable_weight
     monkeypatch.setattr(
-        chunked_loss, "_fusable_weight", lambda project: fused_calls.append(1) or real_fusable(project)
+        chunked_loss, "fusable_weight", lambda project: fused_calls.append(1) or real_fusable(project)
     )
     model = random_model().train()
     model.lm_head.weight.requires_grad_(train_lm_head)
@@ -448,7 +446,7 @@ def test_fused_loss_of_a_plain_lm_head_equals_full_logits_loss(
         (output.loss * scale).backward()
         return output.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    fused_loss, fused_grads = loss_and_grads()
+    fused_loss, fused_grads = loss_and_grads(skip_logits=True)
     assert fused_calls and real_fusable(model.lm_head) is model.lm_head.weight
     full_loss, full_grads = loss_and_grads(skip_logits=False)
     assert fused_loss == pytest.approx(full_loss, abs=1e-6)
@@ -457,24 +455,46 @@ def test_fused_loss_of_a_plain_lm_head_equals_full_logits_loss(
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_num_items_in_batch_turns_the_mean_into_a_sum_over_it() -> None:
+@pytest.mark.parametrize("skip_logits", [True, False])
+def test_num_items_in_batch_turns_the_mean_into_a_sum_over_it(skip_logits: bool) -> None:
     model = random_model().train()
     input_ids = random_ids(2, 10)
     labels = input_ids.clone()
     labels[:, :4] = -100
     supervised = int((labels[:, 1:] != -100).sum())
     with torch.no_grad():
-        mean_loss = model(input_ids, labels=labels).loss
-        summed = model(input_ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+        mean_loss = model(input_ids, labels=labels, skip_logits=skip_logits).loss
+        summed = model(
+            input_ids, labels=labels, num_items_in_batch=torch.tensor(40), skip_logits=skip_logits
+        ).loss
     assert summed.item() == pytest.approx(mean_loss.item() * supervised / 40, rel=1e-6)
 
 
-def test_batch_without_supervised_tokens_gives_zero_loss_with_a_graph() -> None:
+@pytest.mark.parametrize("skip_logits", [True, False])
+def test_batch_without_supervised_tokens_gives_zero_loss_with_a_graph(skip_logits: bool) -> None:
     model = random_model().train()
-    output = model(random_ids(1, 6), labels=torch.full((1, 6), -100))
+    output = model(random_ids(1, 6), labels=torch.full((1, 6), -100), skip_logits=skip_logits)
     assert output.loss.item() == 0.0
     output.loss.backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_training_mode_returns_logits_for_a_hand_written_training_step() -> None:
+    """Like every transformers causal LM: a training loop may read outputs.logits (its own loss, metrics)."""
+    model = random_model().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    input_ids = random_ids(2, 9)
+    losses = []
+    for _ in range(3):
+        outputs = model(input_ids, labels=input_ids)
+        assert outputs.logits is not None and outputs.logits.shape == (2, 9, VOCAB)
+        own_loss = F.cross_entropy(outputs.logits[:, :-1].reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
+        assert own_loss.item() == pytest.approx(outputs.loss.item(), abs=1e-6)
+        optimizer.zero_grad()
+        own_loss.backward()
+        optimizer.step()
+        losses.append(own_loss.item())
+    assert losses[2] < losses[1] < losses[0]
 
 
 def test_skip_logits_without_labels_is_an_error() -> None:
@@ -612,10 +632,16 @@ def test_sampling_generate_is_reproducible_and_in_vocabulary() -> None:
 
 def test_chat_methods_delegate_to_qwen_generation_utils(monkeypatch: pytest.MonkeyPatch) -> None:
     recorded = []
-    fake = types.ModuleType("qwen_model.qwen_generation_utils")
-    fake.chat = lambda *args, **kwargs: recorded.append(("chat", args, kwargs)) or ("reply", [])
-    fake.chat_stream = lambda *args, **kwargs: recorded.append(("chat_stream", args, kwargs)) or iter(["r"])
-    monkeypatch.setitem(sys.modules, "qwen_model.qwen_generation_utils", fake)
+    monkeypatch.setattr(
+        modeling_qwen,
+        "chat",
+        lambda *args, **kwargs: recorded.append(("chat", args, kwargs)) or ("reply", []),
+    )
+    monkeypatch.setattr(
+        modeling_qwen,
+        "chat_stream",
+        lambda *args, **kwargs: recorded.append(("chat_stream", args, kwargs)) or iter(["r"]),
+    )
     model = QWenLMHeadModel(tiny_config())
     tokenizer = object()
 

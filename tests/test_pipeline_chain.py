@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from qwen_finetune.chat_cli import main as chat_main
-from qwen_finetune.merge import QuantizedBaseError, merge_adapter
+from qwen_finetune.merge import MergeArguments, QuantizedBaseError, merge_adapter
 from qwen_finetune.merge import main as merge_main
 from qwen_finetune.quantize import Sample, load_conversations
 from qwen_finetune.quantize import main as gptq_main
@@ -213,8 +213,12 @@ def test_qlora_on_int4_trains_and_merges_into_the_full_precision_model(
     assert json.loads((qlora / "adapter_config.json").read_text())["base_model_name_or_path"] == str(int4)
     assert mean_loss(load(int4, qlora), samples) < mean_loss(load(int4), samples) - 0.05
     with pytest.raises(QuantizedBaseError, match=f"--base_model_path {merged[0]}"):
-        merge_adapter(qlora, workdir / "qlora-merged")
-    report = merge_adapter(qlora, workdir / "qlora-merged", base_model_path=merged[0])
+        merge_adapter(MergeArguments(adapter_dir=str(qlora), output_dir=str(workdir / "qlora-merged")))
+    report = merge_adapter(
+        MergeArguments(
+            adapter_dir=str(qlora), output_dir=str(workdir / "qlora-merged"), base_model_path=str(merged[0])
+        )
+    )
     assert any(note.startswith("Q-LoRA adapter") for note in report["notes"])
 
 

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from qwen_finetune.data import DataError
-from qwen_finetune.errors import OutputDirError
+from qwen_finetune.errors import ArgumentError, OutputDirError
 from qwen_finetune.quantize import (
     MissingDependencyError,
+    QuantizeArguments,
     QuantizeError,
     Sample,
+    build_parser,
+    format_loss_table,
     load_conversations,
     main,
     quantize_checkpoint,
@@ -67,18 +74,60 @@ def quantize(source: Path, out: Path, data: Path, bits: int, **overrides) -> dic
         "max_len": MAX_LEN,
         "data_cache_dir": str(out.parent / "data-cache"),
     }
-    return quantize_checkpoint(source, out, str(data), bits=bits, **{**options, **overrides})
+    arguments = QuantizeArguments(
+        model_name_or_path=str(source),
+        data_path=str(data),
+        output_dir=str(out),
+        bits=bits,
+        **{**options, **overrides},
+    )
+    return quantize_checkpoint(arguments)
+
+
+def parsed(argv: list[str]) -> QuantizeArguments:
+    return QuantizeArguments(**vars(build_parser().parse_args(argv)))
+
+
+@dataclass
+class CommandRun:
+    out: Path
+    report: dict
+    stdout: str
+    stderr: str
+    cwd: Path
 
 
 @pytest.fixture(scope="module")
-def int4(tiny_chat_checkpoint: Path, calibration_file: Path, workdir: Path) -> tuple[Path, dict]:
-    out = workdir / "int4"
-    return out, quantize(tiny_chat_checkpoint, out, calibration_file, bits=4)
+def int4(tiny_chat_checkpoint: Path, calibration_file: Path, workdir: Path, repo_root: Path) -> CommandRun:
+    """`run_gptq.py` as a user runs it, with the original flag names, from an empty working directory."""
+    out, cwd = workdir / "int4", workdir / "cwd"
+    cwd.mkdir()
+    argv = [
+        "--model_name_or_path", str(tiny_chat_checkpoint), "--data_path", str(calibration_file),
+        "--out_path", str(out), "--bits", "4", "--group-size", "32", "--max_len", str(MAX_LEN),
+        "--num_samples", "12", "--num_eval_samples", "4", "--data_cache_dir", str(workdir / "data-cache"),
+    ]  # fmt: skip
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("QWEN_FINETUNE_VERBOSE", "PYTEST_CURRENT_TEST")
+    }
+    completed = subprocess.run(
+        [sys.executable, str(repo_root / "run_gptq.py"), *argv],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((out / "quantize_report.json").read_text())
+    return CommandRun(out, report, completed.stdout, completed.stderr, cwd)
 
 
 @pytest.mark.slow
 def test_checkpoint_has_the_released_int4_format(int4, tiny_chat_checkpoint: Path) -> None:
-    out, report = int4
+    out, report = int4.out, int4.report
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == official_config(4)
     assert json.loads((out / "quantize_config.json").read_text()) == official_config(4)
@@ -89,9 +138,7 @@ def test_checkpoint_has_the_released_int4_format(int4, tiny_chat_checkpoint: Pat
         assert (out / name).read_bytes() == (tiny_chat_checkpoint / name).read_bytes()
     for name in ["modeling_qwen.py", "tokenization_qwen.py", "tokenizer_config.json"]:
         assert (out / name).is_file()
-    recorded = json.loads((out / "quantize_report.json").read_text())
-    assert recorded["source_model"] == str(tiny_chat_checkpoint.resolve())
-    assert recorded["eval"] == report["eval"]
+    assert report["source_model"] == str(tiny_chat_checkpoint.resolve())
     assert report["weight_files"] == sorted(path.name for path in out.glob("*.safetensors"))
     assert not any(path.name.startswith(".int") for path in out.parent.iterdir())  # no staging leftovers
 
@@ -103,7 +150,7 @@ def test_quantized_model_loads_as_it_is(int4, tiny_chat_checkpoint: Path) -> Non
 
     ids = torch.tensor([list(range(1000, 1040))])
     original = AutoModelForCausalLM.from_pretrained(tiny_chat_checkpoint, dtype=torch.float16).eval()
-    model = AutoModelForCausalLM.from_pretrained(int4[0]).eval()
+    model = AutoModelForCausalLM.from_pretrained(int4.out).eval()
     assert model.dtype == torch.float16
     for block in model.transformer.h:
         for layer in QUANTIZED_LAYERS:
@@ -122,7 +169,7 @@ def test_report_is_the_loss_on_held_out_samples(
     """The reported losses are what the two models score on samples the calibration never saw."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, report = int4
+    out, report = int4.out, int4.report
     evaluation = report["eval"]
     assert evaluation["held_out"] and evaluation["samples"] == 4
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_checkpoint)
@@ -149,14 +196,28 @@ def test_report_is_the_loss_on_held_out_samples(
 
 
 @pytest.mark.slow
-def test_command_prints_the_loss_table(
-    int4, calibration_file: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+def test_command_prints_the_data_report_and_the_loss_table_only(int4: CommandRun) -> None:
+    """gptqmodel's banner, log lines, progress output and the configs it dumps while saving stay
+    hidden, and its per-layer log does not land in ./logs of the working directory."""
+    report, stdout = int4.report, int4.stdout
+    summary = (
+        f"{format_loss_table(report)}\n"
+        f"wrote {report['output_dir']}: GPTQ int4, group size 32, 1 weight file(s) ({report['quantize_seconds']} s)\n"
+    )
+    assert stdout.startswith("Data report") and stdout.endswith(summary), stdout
+    data_report = stdout.removesuffix(summary).splitlines()
+    assert all(not line or line.startswith(("Data report", "  ")) for line in data_report), stdout
+    assert "[gptq] calibration: 12 samples" in int4.stderr
+    assert list(int4.cwd.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_command_refuses_an_already_quantized_checkpoint(
+    int4: CommandRun, calibration_file: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Also: an already quantized checkpoint is refused with the reason."""
-    out, _ = int4
     args = [
         "--model_name_or_path",
-        str(out),
+        str(int4.out),
         "--data_path",
         str(calibration_file),
         "--out_path",
@@ -205,7 +266,7 @@ def test_bad_settings_are_refused_before_loading(
     overrides: dict, message: str, tiny_chat_checkpoint: Path, calibration_file: Path, tmp_path: Path
 ) -> None:
     options = {"bits": 4, **overrides}
-    with pytest.raises(QuantizeError, match=message):
+    with pytest.raises(ArgumentError, match=message):
         quantize(tiny_chat_checkpoint, tmp_path / "out", calibration_file, **options)
     assert not (tmp_path / "out").exists()
 
@@ -278,3 +339,118 @@ def test_quantized_source_is_refused(
     (fake / "config.json").write_text(json.dumps(config))
     with pytest.raises(QuantizeError, match="already quantized .*quantize the full-precision model"):
         quantize(fake, tmp_path / "out", calibration_file, bits=4)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+ORIGINAL_COMMAND = [
+    "--model_name_or_path",
+    "MODEL",
+    "--data_path",
+    "a.json,b.jsonl",
+    "--out_path",
+    "OUT",
+    "--bits",
+    "4",
+]
+
+
+def test_original_command_line_gives_the_released_defaults() -> None:
+    options = parsed(ORIGINAL_COMMAND)
+    assert options == QuantizeArguments(
+        model_name_or_path="MODEL", data_path="a.json,b.jsonl", output_dir="OUT"
+    )
+    assert (options.bits, options.group_size, options.max_len, options.damp_percent) == (4, 128, 8192, 0.01)
+    assert (options.desc_act, options.dtype, options.data_format) == (False, "float16", "auto")
+    assert options.data_files == ["a.json", "b.jsonl"] and options.eval_files == []
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["--out_path", "--group-size"], ["--output_dir", "--group_size"], ["--output-dir", "--group-size"]],
+    ids=["original", "current", "dashes"],
+)
+def test_every_spelling_of_a_flag_sets_the_same_option(names: list[str]) -> None:
+    output_flag, group_flag = names
+    argv = [
+        "--model_name_or_path",
+        "M",
+        "--data_path",
+        "d.json",
+        output_flag,
+        "OUT",
+        group_flag,
+        "64",
+        "--desc_act",
+    ]
+    options = parsed([*argv, "--bits", "8"])
+    assert (options.output_dir, options.group_size, options.desc_act, options.bits) == ("OUT", 64, True, 8)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--bits", "5"], "argument --bits: invalid choice: '5'"),
+        (["--group-size", "48"], "invalid choice: '48'"),
+        (["--dtype", "float32"], "invalid choice: 'float32'"),
+        (["--data_format", "csv"], "invalid choice: 'csv'"),
+        (["--overwite"], "unrecognized arguments: --overwite"),
+    ],
+)
+def test_flag_errors_stop_with_the_usage(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main([*ORIGINAL_COMMAND, *flags])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--damp_percent", "1.5"], "--damp_percent 1.5 must be between 0 and 1"),
+        (["--max_len", "8"], "--max_len 8 must be larger than 10 tokens"),
+        (["--max_shard_size", "lots"], "--max_shard_size 'lots' is not a size"),
+    ],
+)
+def test_bad_values_are_one_line_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*ORIGINAL_COMMAND, *flags]) == 1
+    err = capsys.readouterr().err
+    assert f": error: {message}" in err and "Traceback" not in err
+
+
+def test_internal_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only the toolkit's own errors become one-line messages; anything else is a bug and propagates."""
+
+    def broken(model_dir: str | Path) -> Path:
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr("qwen_finetune.quantize.check_source_model", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(
+            [
+                "--model_name_or_path",
+                str(tmp_path),
+                "--data_path",
+                "d.json",
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
+
+
+def test_help_loads_no_quantization_backend(repo_root: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from qwen_finetune.quantize import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(set(sys.modules) & {'gptqmodel', 'optimum', 'peft', 'bitsandbytes', 'logbar'}))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], cwd=repo_root, capture_output=True, text=True, check=True, timeout=300
+    )
+    assert "--out_path" in completed.stdout and "--group-size" in completed.stdout
+    assert completed.stdout.splitlines()[-1] == "[]"

@@ -12,13 +12,14 @@ import torch
 import train_helpers as helpers
 from transformers import TrainerCallback
 
-from qwen_finetune.args import parse_args
+from qwen_finetune.args import parse_run_arguments
 from qwen_finetune.data import DataArguments, make_supervised_data
 from qwen_finetune.data.chatml import IGNORE_INDEX
 from qwen_finetune.data.collate import ROW_LENGTHS, SupervisedCollator
 from qwen_finetune.data.packing import pack_samples
-from qwen_finetune.modeling import load_tokenizer
-from qwen_finetune.train import TokenMeter, model_inputs, train
+from qwen_finetune.model_loading import load_tokenizer
+from qwen_finetune.run_metrics import TokenMeter
+from qwen_finetune.train import model_inputs, train
 
 EOD = 151643
 
@@ -106,7 +107,7 @@ def test_packed_training_with_two_rows_per_batch_counts_real_tokens(
         extra=["--use_lora", "--packing"],
     )
     recorder = ForwardRecorder()
-    train(*parse_args(argv), callbacks=[recorder])
+    train(parse_run_arguments(argv), callbacks=[recorder])
 
     base = helpers.mean_supervised_loss(
         helpers.load_artifact(tiny_chat_checkpoint),

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,9 +18,12 @@ import train_helpers as helpers
 
 from qwen_finetune import train as train_module
 from qwen_finetune.args import build_parser, load_deepspeed_config, parse_args
+from qwen_finetune.checkpoint_info import read_checkpoint
 from qwen_finetune.errors import ArgumentError
-from qwen_finetune.modeling import IM_END_ID, IM_START_ID, decide_train_embeddings, read_checkpoint
-from qwen_finetune.train import TokenMeter, format_log_line, main
+from qwen_finetune.run_metrics import TokenMeter, format_log_line
+from qwen_finetune.train import main
+from qwen_finetune.training_mode import decide_train_embeddings
+from qwen_model.tokenization_qwen import IM_END_ID, IM_START_ID
 
 # The flags the original launch scripts pass to finetune.py (finetune_lora_ds.sh).
 ORIGINAL_FLAGS = [
@@ -115,6 +121,13 @@ def copy_config_only(checkpoint: Path, target: Path, **config_changes) -> Path:
 def test_help_documents_every_flag():
     text = build_parser().format_help()
     for flag in [
+        "--config",
+        "--plan",
+        "--verbose",
+        "--use_dora",
+        "--use_rslora",
+        "--init_lora_weights",
+        "--neftune_noise_alpha",
         "--model_name_or_path",
         "--train_embeddings",
         "--data_path",
@@ -149,6 +162,85 @@ def test_help_documents_every_flag():
         "--logging_dir",
     ]:
         assert flag in text, flag
+
+
+def test_help_lists_the_toolkit_flags_first_one_line_each():
+    lines = build_parser().format_help().splitlines()
+    flag_lines = [line for line in lines if line.startswith("  --")]
+    names = [line.split()[0] for line in flag_lines]
+    assert len(names) == len(set(names))  # each flag once, on one line
+    trainer = lines.index(next(line for line in lines if line.startswith("Trainer (transformers")))
+    first_trainer_flag = names.index(lines[trainer + 1].split()[0])
+    assert {"--config", "--use_lora", "--data_path", "--model_max_length"} <= set(names[:first_trainer_flag])
+    assert {"--learning_rate", "--activation_checkpointing", "--neftune_noise_alpha"} <= set(
+        names[first_trainer_flag:]
+    )
+
+
+def test_stored_help_is_current():
+    """`python finetune.py --help` prints the stored text; regenerate: python -m qwen_finetune.cli_help --write"""
+    import transformers
+
+    from qwen_finetune import finetune_help_text
+
+    assert transformers.__version__ == finetune_help_text.TRANSFORMERS_VERSION
+    assert build_parser().format_help() == finetune_help_text.HELP
+
+
+def test_help_is_rendered_live_for_another_transformers(monkeypatch):
+    from qwen_finetune import cli_help
+
+    monkeypatch.setattr(cli_help.importlib.metadata, "version", lambda name: "0.0.0")
+    assert cli_help.finetune_help() == build_parser().format_help()
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    completed = subprocess.run(
+        [sys.executable, "-X", "importtime", str(helpers.FINETUNE_PY), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    from qwen_finetune import finetune_help_text
+
+    assert completed.returncode == 0 and completed.stdout == finetune_help_text.HELP
+    imported = {line.split("|")[-1].strip() for line in completed.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "transformers", "peft", "deepspeed"}
+
+
+def test_unknown_flags_and_bad_choices_are_one_line_errors(capsys):
+    assert "unknown flag --learnig_rate; did you mean --learning_rate?" in fail_message(
+        ["--learnig_rate", "1e-4"], capsys
+    )
+    assert "invalid choice: 'some'" in fail_message(["--lora_bias", "some"], capsys)
+    assert "unexpected argument 'stray'" in fail_message(["stray"], capsys)
+    assert "fp16 and bf16" in fail_message(["--bf16", "--fp16"], capsys)  # transformers' own check
+    with pytest.raises(ArgumentError, match="fp16 and bf16"):
+        parse_args(["--bf16", "--fp16"])
+
+
+def test_gradient_checkpointing_is_passed_under_its_current_name():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, _, training_args, _ = parse_args(["--gradient_checkpointing"])
+        assert training_args.activation_checkpointing is True
+        _, _, training_args, _ = parse_args(
+            ["--gradient_checkpointing", "--activation_checkpointing", "false"]
+        )
+        assert training_args.activation_checkpointing is False  # the last of the two names wins
+        _, _, training_args, _ = parse_args(["--activation_checkpointing", "--gradient-checkpointing=false"])
+        assert training_args.activation_checkpointing is False
+
+
+def test_lora_variants_and_initialisations(capsys):
+    _, _, _, lora_args = parse_args(["--use_lora", "--use_dora", "--use_rslora"])
+    assert lora_args.use_dora and lora_args.use_rslora and lora_args.peft_init_lora_weights is True
+    for value, expected in [("false", False), ("Gaussian", "gaussian"), ("pissa_niter_4", "pissa_niter_4")]:
+        _, _, _, lora_args = parse_args(["--init_lora_weights", value])
+        assert lora_args.peft_init_lora_weights == expected
+    assert "--init_lora_weights eva is not one of" in fail_message(["--init_lora_weights", "eva"], capsys)
+    _, _, training_args, _ = parse_args(["--plan", "--neftune_noise_alpha", "5"])
+    assert training_args.plan and training_args.neftune_noise_alpha == 5.0
 
 
 def test_original_flags_are_accepted_and_mapped():

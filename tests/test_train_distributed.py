@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-import stat
 import subprocess
 from pathlib import Path
 
+import launch_helpers
 import pytest
 import train_helpers as helpers
 
@@ -104,25 +104,15 @@ def launch_script(name: str, model: Path, data: Path, argv: list[str], **env: st
     return helpers.run(command, env=helpers.subprocess_env(**env))
 
 
-ARGV_RECORDER = """#!/usr/bin/env bash
-# Stands in for $PYTHON in a launch script: answers the GPU-count probe, records the command line.
-if [[ "$1" == "-c" ]]; then echo 0; exit 0; fi
-printf '%s\\0' "$@" > "$RECORDED_ARGV"
-"""
-
-
 def launch_script_argv(name: str, model: Path, data: Path, argv: list[str], directory: Path) -> list[str]:
-    """The complete finetune.py command line a finetune/*.sh script runs (its own flags, then `argv`),
-    recorded by a stand-in interpreter instead of training: to repeat that run with another launcher."""
-    interpreter = directory / "record-argv" / "python"
-    interpreter.parent.mkdir(exist_ok=True)
-    interpreter.write_text(ARGV_RECORDER)
-    interpreter.chmod(interpreter.stat().st_mode | stat.S_IXUSR)
-    recorded = directory / "record-argv" / f"{name}.argv"
-    command = ["bash", str(SCRIPTS / name), "-m", str(model), "-d", str(data), *argv]
-    helpers.run(command, env=helpers.subprocess_env(PYTHON=str(interpreter), RECORDED_ARGV=str(recorded)))
-    arguments = recorded.read_text().split("\0")[:-1]
-    return arguments[arguments.index(str(helpers.FINETUNE_PY)) + 1 :]
+    """The complete finetune.py command line a finetune/*.sh script runs (its recipe, then `argv`),
+    recorded by the stand-in interpreter instead of training: to repeat that run with another launcher."""
+    fake = launch_helpers.write_fake_python(directory / "record-argv")
+    launched = launch_helpers.launch(
+        SCRIPTS / name, ["-m", str(model), "-d", str(data), *argv], directory / "record-argv", python=fake
+    )
+    assert launched.argv is not None, launched.completed.stderr
+    return launch_helpers.split_command(launched.argv)[1]
 
 
 def check_run(output: Path, base: float, batch, *, adapter: bool, processes: int, embeddings: bool) -> dict:
@@ -283,7 +273,8 @@ def qlora_zero2(tiny_gptq_checkpoint, data_file, workdir) -> tuple[Path, list[st
     argv = flags("qlora", tiny_gptq_checkpoint, data_file, output, workdir, 2)
     launch_script("finetune_qlora_ds.sh", tiny_gptq_checkpoint, data_file, argv, NPROC_PER_NODE="2")
     script_argv = launch_script_argv("finetune_qlora_ds.sh", tiny_gptq_checkpoint, data_file, argv, workdir)
-    assert "--gradient_checkpointing" in script_argv and script_argv[-len(argv) :] == argv, script_argv
+    assert script_argv[:2] == ["--config", str(SCRIPTS / "recipes" / "qlora.yaml")], script_argv
+    assert script_argv[-len(argv) :] == argv, script_argv
     return output, script_argv
 
 

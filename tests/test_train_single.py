@@ -10,7 +10,7 @@ import pytest
 import torch
 import train_helpers as helpers
 
-from qwen_finetune.args import parse_args
+from qwen_finetune.args import parse_args, parse_run_arguments
 from qwen_finetune.train import TrainingRun, train
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def flags(
 
 
 def train_in_process(argv: list[str]) -> TrainingRun:
-    return train(*parse_args(argv))
+    return train(parse_run_arguments(argv))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_base_model_lora_trains_and_saves_embeddings(runs, checkpoints):
 def test_qlora_gptq_one_process(runs, tiny_gptq_checkpoint, batch):
     run, output = runs("qlora", "gptq")
     base = helpers.mean_supervised_loss(helpers.load_artifact(tiny_gptq_checkpoint), batch)
-    assert run.plan.quantization == "gptq"
+    assert run.mode.quantization == "gptq"
     helpers.assert_artifacts(output, adapter=True)
     helpers.assert_loss_fell(output, base)
     assert_same_logits(run.trainer.model, output, batch)
@@ -158,7 +158,7 @@ def test_qlora_gptq_one_process(runs, tiny_gptq_checkpoint, batch):
 
 def test_qlora_nf4(runs, tiny_chat_checkpoint, batch):
     run, output = runs("nf4", "chat")
-    assert run.plan.quantization == "nf4"
+    assert run.mode.quantization == "nf4"
     helpers.assert_artifacts(output, adapter=True)
     quantization = helpers.nf4_quantization()
     base = helpers.load_artifact(tiny_chat_checkpoint, quantization_config=quantization, device_map="cpu")
@@ -191,7 +191,7 @@ def test_kill_and_resume(runs, models, method, kind, data_file, workdir, batch):
     assert not (output / "train_summary.json").exists()
 
     resumed_run = train_in_process([*argv, "--resume_from_checkpoint", "latest"])
-    assert resumed_run.plan.train_embeddings == (method == "full" or kind == "base")
+    assert resumed_run.mode.train_embeddings == (method == "full" or kind == "base")
     resumed, uninterrupted = helpers.loss_curve(output), helpers.loss_curve(reference)
     assert len(resumed) == len(uninterrupted) == STEPS
     assert resumed == pytest.approx(uninterrupted, rel=1e-4), (resumed, uninterrupted)
@@ -231,7 +231,9 @@ def test_gptq_evaluation_does_not_change_qlora_gradients(tiny_gptq_checkpoint, b
     load_model pins it to the differentiable path, so an evaluation during training changes nothing."""
     from transformers import set_seed
 
-    from qwen_finetune import modeling
+    from qwen_finetune.model_loading import load_model
+    from qwen_finetune.quant_backends import gptq
+    from qwen_finetune.training_mode import choose_training_mode
 
     argv = [
         "--model_name_or_path",
@@ -243,11 +245,11 @@ def test_gptq_evaluation_does_not_change_qlora_gradients(tiny_gptq_checkpoint, b
         "0",
     ]
     model_args, _, training_args, lora_args = parse_args([*argv, "--output_dir", str(workdir / "unused")])
-    plan = modeling.plan_training(model_args, lora_args, training_args)
+    mode = choose_training_mode(model_args, lora_args, training_args)
 
     def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
         set_seed(0)
-        model = modeling.load_model(plan, lora_args, training_args)
+        model = load_model(mode, lora_args, training_args)
         if evaluate_first:
             helpers.mean_supervised_loss(model, batch)
         model.train()
@@ -259,7 +261,7 @@ def test_gptq_evaluation_does_not_change_qlora_gradients(tiny_gptq_checkpoint, b
     for name, grad in plain.items():
         torch.testing.assert_close(after_eval[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
-    monkeypatch.setattr(modeling, "keep_gptq_cpu_kernels_differentiable", lambda model: 0)
+    monkeypatch.setattr(gptq, "keep_cpu_kernels_differentiable", lambda model: 0)
     unpinned = gradients(evaluate_first=True)
     assert any(not torch.allclose(unpinned[name], grad, rtol=1e-3, atol=1e-6) for name, grad in plain.items())
 
@@ -272,7 +274,7 @@ def test_continue_an_adapter(runs, checkpoints, data_file, workdir):
     output = workdir / "lora-base-continued"
     argv = flags("lora", checkpoints["base"], data_file, output, workdir, ["--lora_weight_path", str(first)])
     run = train_in_process([*argv, "--lora_r", "4", "--max_steps", "2", "--eval_steps", "2"])
-    assert run.plan.adapter_to_continue == first and run.plan.train_embeddings
+    assert run.mode.adapter_to_continue == first and run.mode.train_embeddings
     config = json.loads((output / "adapter_config.json").read_text())
     assert config["r"] == 8 and set(config["modules_to_save"]) == {"wte", "lm_head"}
     fresh, continued = helpers.loss_curve(first), helpers.loss_curve(output)

@@ -76,6 +76,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
             "OMP_NUM_THREADS": "1",
             "PYTHON": PYTHON,
             "PYTHONUNBUFFERED": "1",
+            # runners written to temporary directories import this checkout, whatever is installed
+            "PYTHONPATH": str(REPO_ROOT),
         }
     )
     env.update(extra)
@@ -211,7 +213,7 @@ def final_eval_loss(output_dir: Path) -> float:
 def encoded_batch(checkpoint: Path, data: Path, cache_dir: Path) -> dict[str, torch.Tensor]:
     """All samples of `data`, encoded and collated exactly as for training, as one batch."""
     from qwen_finetune.data import DataArguments, make_supervised_data
-    from qwen_finetune.modeling import load_tokenizer
+    from qwen_finetune.model_loading import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint, MAX_LENGTH)
     data_args = DataArguments(data_path=str(data), data_cache_dir=str(cache_dir))
@@ -237,22 +239,23 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 def load_artifact(output_dir: Path, **kwargs: Any) -> torch.nn.Module:
     """The saved model: a full checkpoint, or base + adapter (peft's AutoPeftModelForCausalLM).
-    Quantized layers are kept on the kernel path training used (see qwen_finetune.modeling)."""
+    Quantized layers are kept on the kernel path training used (see qwen_finetune.quant_backends)."""
     import qwen_model  # noqa: F401
-    from qwen_finetune.modeling import disable_bnb_cpu_repacking, keep_gptq_cpu_kernels_differentiable
+    from qwen_finetune.quant_backends.gptq import keep_cpu_kernels_differentiable
+    from qwen_finetune.quant_backends.nf4 import disable_cpu_repacking
 
     if (output_dir / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(output_dir), dtype=torch.float32, **kwargs)
-        keep_gptq_cpu_kernels_differentiable(model)
+        keep_cpu_kernels_differentiable(model)
         if "quantization_config" in kwargs:
-            disable_bnb_cpu_repacking(model)
+            disable_cpu_repacking(model)
         return model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(output_dir), dtype=torch.float32, **kwargs)
-    keep_gptq_cpu_kernels_differentiable(model)
+    keep_cpu_kernels_differentiable(model)
     return model
 
 
@@ -317,7 +320,7 @@ import sys
 
 from transformers import TrainerCallback
 
-from qwen_finetune.args import parse_args
+from qwen_finetune.args import parse_run_arguments
 from qwen_finetune.train import configure_logging, train
 
 
@@ -333,12 +336,13 @@ class KillAtStep(TrainerCallback):
 
 
 configure_logging()
-train(*parse_args(sys.argv[1:]), callbacks=[KillAtStep(int(os.environ["KILL_AT_STEP"]))])
+kill_at = os.environ.get("KILL_AT_STEP")
+train(parse_run_arguments(sys.argv[1:]), callbacks=[KillAtStep(int(kill_at))] if kill_at else [])
 """
 
 
 def write_kill_runner(directory: Path) -> Path:
-    """A finetune.py that kills itself (SIGKILL) at the end of step $KILL_AT_STEP."""
+    """A finetune.py that kills itself (SIGKILL) at the end of step $KILL_AT_STEP (when it is set)."""
     path = directory / "killed_finetune.py"
     path.write_text(KILL_RUNNER, encoding="utf-8")
     return path
@@ -365,9 +369,17 @@ def tiny_gptq_checkpoint(base: Path, root: Path, data: Path) -> Path:
     out = root / "tiny-gptq-int4"
     if not (out / "config.json").is_file():
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-        from qwen_finetune.quantize import quantize_checkpoint
+        from qwen_finetune.quantize import QuantizeArguments, quantize_checkpoint
 
-        quantize_checkpoint(
-            base, out, str(data), bits=4, group_size=32, num_samples=6, num_eval_samples=2, max_len=MAX_LENGTH
+        options = QuantizeArguments(
+            model_name_or_path=str(base),
+            data_path=str(data),
+            output_dir=str(out),
+            bits=4,
+            group_size=32,
+            num_samples=6,
+            num_eval_samples=2,
+            max_len=MAX_LENGTH,
         )
+        quantize_checkpoint(options)
     return out

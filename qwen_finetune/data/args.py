@@ -1,4 +1,5 @@
-"""Every data flag, as one dataclass for `transformers.HfArgumentParser`.
+"""Every data flag, as one dataclass for `transformers.HfArgumentParser`, and the encoding options
+derived from them.
 
 `model_max_length` is not here: it belongs to the training arguments, and the data functions take it
 as a parameter.
@@ -9,12 +10,37 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
+from qwen_finetune.errors import ArgumentError
 from qwen_model.chat_format import DEFAULT_SYSTEM_PROMPT
 
-DATA_FORMATS = ("auto", "qwen", "sharegpt", "openai", "alpaca")
-LABEL_POLICIES = ("qwen", "assistant_only")
-TRUNCATION_POLICIES = ("drop_turns", "cut")
+from .formats import DATA_FORMATS, DataFormat
+
+LabelPolicy = Literal["qwen", "assistant_only"]
+TruncationPolicy = Literal["drop_turns", "cut"]
+# What the samples are for: supervised fine-tuning (conversations) or preference training (pairs).
+DataKind = Literal["supervised", "preference"]
+LABEL_POLICIES: tuple[str, ...] = get_args(LabelPolicy)
+TRUNCATION_POLICIES: tuple[str, ...] = get_args(TruncationPolicy)
+
+
+@dataclass(frozen=True)
+class EncodingOptions:
+    """Everything that decides how a sample becomes token ids: what the encoders read and what the
+    cache key covers. Made by `DataArguments.encoding_options`."""
+
+    kind: DataKind
+    max_length: int
+    data_format: DataFormat
+    system_message: str
+    label_policy: LabelPolicy
+    truncation: TruncationPolicy
+    allow_special: bool
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ArgumentError(f"--model_max_length must be positive, got {self.max_length}")
 
 
 def default_data_cache_dir() -> Path:
@@ -54,35 +80,32 @@ class DataArguments:
             "(for files too large to pre-tokenise; no cache, no token statistics, no packing)."
         },
     )
-    data_format: str = field(
+    data_format: DataFormat = field(
         default="auto",
         metadata={
-            "help": "Input format: auto (detected per file), qwen ({id, conversations: [{from, value}]}), "
-            "sharegpt (from human/gpt/function_call/observation, optional system/tools), "
-            "openai ({messages: [{role, content}]}, optional tools), alpaca (instruction/input/output).",
-            "choices": list(DATA_FORMATS),
+            "help": f"Input format, one of {', '.join(DATA_FORMATS)}: auto detects it per file; the layout of "
+            "each is in docs/data_formats.md."
         },
     )
     system_message: str = field(
         default=DEFAULT_SYSTEM_PROMPT,
         metadata={"help": "System prompt for samples that do not carry their own."},
     )
-    label_policy: str = field(
+    label_policy: LabelPolicy = field(
         default="qwen",
         metadata={
             "help": "Which tokens are trained on. qwen: exactly the original finetune.py targets "
             "(control tokens of every turn, assistant content); assistant_only: assistant content and its "
-            "<|im_end|> only.",
-            "choices": list(LABEL_POLICIES),
+            "<|im_end|> only. Preference pairs always train on the answers only.",
         },
     )
-    truncation: str = field(
+    truncation: TruncationPolicy = field(
         default="drop_turns",
         metadata={
             "help": "Samples longer than model_max_length: drop_turns drops whole turns from the end so the "
             "sample ends after a complete assistant turn (skipped if not even the first exchange fits); "
-            "cut keeps the first model_max_length tokens (the original behaviour).",
-            "choices": list(TRUNCATION_POLICIES),
+            "cut keeps the first model_max_length tokens (the original behaviour). Preference pairs lose "
+            "prompt turns from the front (drop_turns) or prompt tokens from the left (cut), never answer tokens.",
         },
     )
     allow_special_tokens_in_data: bool = field(
@@ -137,22 +160,33 @@ class DataArguments:
         ):
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+                raise ArgumentError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
         if not 0.0 <= self.eval_split_ratio < 1.0:
-            raise ValueError(f"--eval_split_ratio {self.eval_split_ratio} must be in [0, 1)")
+            raise ArgumentError(f"--eval_split_ratio {self.eval_split_ratio} must be in [0, 1)")
         if self.eval_split_ratio > 0 and self.eval_data_path:
-            raise ValueError(
+            raise ArgumentError(
                 "--eval_split_ratio and --eval_data_path both define the eval set; give only one"
             )
         if self.packing and self.lazy_preprocess:
-            raise ValueError(
+            raise ArgumentError(
                 "--packing needs every sample's length before training, --lazy_preprocess encodes on the fly; "
                 "drop one of them"
             )
         if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
-            raise ValueError(f"--preprocessing_num_workers {self.preprocessing_num_workers} must be >= 1")
+            raise ArgumentError(f"--preprocessing_num_workers {self.preprocessing_num_workers} must be >= 1")
         if self.dump_encoded and not self.check_data:
-            raise ValueError("--dump_encoded is written by --check_data; add --check_data")
+            raise ArgumentError("--dump_encoded is written by --check_data; add --check_data")
+
+    def encoding_options(self, model_max_length: int, kind: DataKind = "supervised") -> EncodingOptions:
+        return EncodingOptions(
+            kind=kind,
+            max_length=model_max_length,
+            data_format=self.data_format,
+            system_message=self.system_message,
+            label_policy=self.label_policy,
+            truncation=self.truncation,
+            allow_special=self.allow_special_tokens_in_data,
+        )
 
     @property
     def train_files(self) -> list[str]:

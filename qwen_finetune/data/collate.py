@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .chatml import IGNORE_INDEX
+from qwen_model.chunked_loss import IGNORE_INDEX
 
 ROW_LENGTHS = "row_lengths"
 

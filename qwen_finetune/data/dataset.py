@@ -1,7 +1,8 @@
 """Tokenise once, in parallel, and cache on disk; or encode lazily, sample by sample.
 
-The cache entry for a list of files is keyed by the files' bytes, the tokenizer's vocabulary and
-every option that changes the encoding, so a stale entry can never be used. One process per node
+Conversations (chatml.py) and preference pairs (pairs.py) take the same path: files -> turns ->
+one row per sample from the kind's encoder. The cache entry for a list of files is keyed by the
+files' bytes, the tokenizer's vocabulary and the encoding options, so a stale entry can never be used. One process per node
 (local rank 0) writes it while the others wait, then everybody memory-maps the same files. Entries
 are written to a temporary directory and renamed, so a crash never leaves half an entry behind.
 """
@@ -24,25 +25,27 @@ import datasets
 import multiprocess
 import torch
 
-from .chatml import IGNORE_INDEX, ChatMLEncoder
-from .formats import LoadedFile, load_file
-from .turns import Turn, conversation_to_turns
+from qwen_model.chunked_loss import IGNORE_INDEX
+
+from .args import DataKind, EncodingOptions
+from .chatml import ChatMLEncoder
+from .formats import load_file
+from .pair_formats import load_pair_file
+from .pairs import PairEncoder
+from .turns import Turn, conversation_to_turns, pair_to_turns
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = "qwen_finetune.data/1"
-STAT_COLUMNS = ["num_supervised", "truncated", "skip_reason"]
-FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "length": datasets.Value("int32"),
-        "num_supervised": datasets.Value("int32"),
-        "truncated": datasets.Value("bool"),
-        "skip_reason": datasets.Value("string"),
-    }
-)
+CACHE_FORMAT_VERSION = "qwen_finetune.data/3"
+
+
+# The encoder of each kind of data: its `features` are the dataset columns, `encode_row` makes one
+# row per sample, and its `stat_columns` are read by the data report only.
+RowEncoder = ChatMLEncoder | PairEncoder
+ENCODERS: dict[DataKind, type[ChatMLEncoder] | type[PairEncoder]] = {
+    "supervised": ChatMLEncoder,
+    "preference": PairEncoder,
+}
 
 
 @dataclass
@@ -102,23 +105,35 @@ def cache_key(files: list[str], tokenizer: Any, options: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------- loading
 
 
-def load_files(paths: list[str], data_format: str) -> list[LoadedFile]:
-    return [load_file(path, data_format) for path in paths]
+@dataclass
+class ReadFiles:
+    """Every sample of some files as (id, turns), validated, with a summary per file."""
+
+    samples: list[tuple[str, list[Turn]]]
+    files: list[FileSummary]
 
 
-def summarise_files(loaded: list[LoadedFile]) -> list[FileSummary]:
-    return [
-        FileSummary(item.path, item.format, len(item.conversations), item.leading_turns_dropped)
-        for item in loaded
-    ]
-
-
-def samples_as_turns(loaded: list[LoadedFile], system_message: str) -> list[tuple[str, list[Turn]]]:
-    return [
-        (conversation.id, conversation_to_turns(conversation, system_message))
-        for item in loaded
-        for conversation in item.conversations
-    ]
+def read_files(paths: list[str], options: EncodingOptions) -> ReadFiles:
+    """Read and validate the files as the options' kind (conversations or preference pairs)."""
+    samples: list[tuple[str, list[Turn]]] = []
+    files = []
+    for path in paths:
+        if options.kind == "preference":
+            pair_file = load_pair_file(path, options.data_format)
+            samples += [(pair.id, pair_to_turns(pair, options.system_message)) for pair in pair_file.pairs]
+            files.append(
+                FileSummary(path, pair_file.format, len(pair_file.pairs), pair_file.leading_turns_dropped)
+            )
+        else:
+            loaded = load_file(path, options.data_format)
+            samples += [
+                (conversation.id, conversation_to_turns(conversation, options.system_message))
+                for conversation in loaded.conversations
+            ]
+            files.append(
+                FileSummary(path, loaded.format, len(loaded.conversations), loaded.leading_turns_dropped)
+            )
+    return ReadFiles(samples, files)
 
 
 def _turns_table(samples: list[tuple[str, list[Turn]]]) -> dict[str, list[Any]]:
@@ -132,13 +147,13 @@ def _turns_table(samples: list[tuple[str, list[Turn]]]) -> dict[str, list[Any]]:
 
 # Encoders that forked `datasets.map` workers find by key (set before the pool forks), so that the
 # tokenizer is not pickled and rebuilt in every worker (about half a second each).
-_ENCODERS_FOR_FORKED_WORKERS: dict[int, ChatMLEncoder] = {}
+_ENCODERS_FOR_FORKED_WORKERS: dict[int, RowEncoder] = {}
 
 
 class _EncodeBatch:
-    """The `datasets.map` function: turns columns in, ids/labels/stats columns out."""
+    """The `datasets.map` function: turns columns in, the encoder's columns out."""
 
-    def __init__(self, encoder: ChatMLEncoder, by_reference: bool = False) -> None:
+    def __init__(self, encoder: RowEncoder, by_reference: bool = False) -> None:
         self.encoder = encoder
         self.by_reference = by_reference
 
@@ -153,25 +168,19 @@ class _EncodeBatch:
         self.__dict__.update(state)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {name: [] for name in ("input_ids", "labels", "length", *STAT_COLUMNS)}
+        out: dict[str, list[Any]] = {name: [] for name in self.encoder.features}
         for roles, texts, trained in zip(batch["roles"], batch["texts"], batch["trained"]):
             turns = [
                 Turn(role, tuple(zip(turn_texts, turn_trained)))
                 for role, turn_texts, turn_trained in zip(roles, texts, trained)
             ]
-            sample = self.encoder.encode(turns)
-            kept = not sample.skip_reason
-            out["input_ids"].append(sample.input_ids if kept else [])
-            out["labels"].append(sample.labels if kept else [])
-            out["length"].append(len(sample.input_ids) if kept else 0)
-            out["num_supervised"].append(sample.num_supervised if kept else 0)
-            out["truncated"].append(sample.truncated)
-            out["skip_reason"].append(sample.skip_reason)
+            for name, value in self.encoder.encode_row(turns).items():
+                out[name].append(value)
         return out
 
 
 def encode_samples(
-    samples: list[tuple[str, list[Turn]]], encoder: ChatMLEncoder, num_workers: int | None, fingerprint: str
+    samples: list[tuple[str, list[Turn]]], encoder: RowEncoder, num_workers: int | None, fingerprint: str
 ) -> datasets.Dataset:
     """All samples, skipped ones included. `fingerprint` names the result for `datasets` (our own key,
     so that `datasets` does not hash the tokenizer to make one)."""
@@ -187,7 +196,7 @@ def encode_samples(
             batch_size=256,
             num_proc=workers,
             remove_columns=["roles", "texts", "trained"],
-            features=FEATURES,
+            features=datasets.Features({"id": datasets.Value("string"), **encoder.features}),
             new_fingerprint=fingerprint,
             desc="Tokenizing",
         )
@@ -262,14 +271,9 @@ def local_main_process_first() -> Iterator[None]:
 
 def encode_files(
     paths: list[str],
-    *,
     tokenizer: Any,
-    max_length: int,
-    data_format: str,
-    system_message: str,
-    label_policy: str,
-    truncation: str,
-    allow_special: bool,
+    options: EncodingOptions,
+    *,
     num_workers: int | None,
     cache_dir: Path | None,
     main_process_first: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
@@ -282,30 +286,15 @@ def encode_files(
     the main process, so a data error stops all ranks with the same message instead of leaving
     them waiting at a barrier.
     """
-    options = {
-        "data_format": data_format,
-        "system_message": system_message,
-        "label_policy": label_policy,
-        "truncation": truncation,
-        "allow_special": allow_special,
-        "max_length": max_length,
-    }
-    key = cache_key(paths, tokenizer, options)
+    key = cache_key(paths, tokenizer, asdict(options))
     entry = cache_dir / key if cache_dir is not None else None
-    loaded = None if entry is not None and _entry_complete(entry) else load_files(paths, data_format)
+    read = None if entry is not None and _entry_complete(entry) else read_files(paths, options)
     with (main_process_first or local_main_process_first)():
         if entry is not None and _entry_complete(entry):
             return _load_entry(entry)
-        loaded = loaded or load_files(paths, data_format)
-        encoder = ChatMLEncoder(
-            tokenizer,
-            max_length=max_length,
-            label_policy=label_policy,
-            truncation=truncation,
-            allow_special=allow_special,
-        )
-        dataset = encode_samples(samples_as_turns(loaded, system_message), encoder, num_workers, key)
-        encoded = EncodedFiles(dataset, summarise_files(loaded), from_cache=False)
+        read = read or read_files(paths, options)
+        dataset = encode_samples(read.samples, ENCODERS[options.kind](tokenizer, options), num_workers, key)
+        encoded = EncodedFiles(dataset, read.files, from_cache=False)
         if entry is not None:
             _save_entry(entry, encoded)
             if _entry_complete(entry):  # memory-mapped from disk rather than held in memory

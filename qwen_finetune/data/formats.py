@@ -11,11 +11,17 @@ field; nothing is silently guessed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import DataError
+
+# Every --data_format value. qwen, sharegpt, openai and alpaca hold conversations; qwen, sharegpt,
+# openai and trl hold preference pairs (see pair_formats.py).
+DataFormat = Literal["auto", "qwen", "sharegpt", "openai", "alpaca", "trl"]
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 
 USER, ASSISTANT, TOOL_CALL, OBSERVATION, SYSTEM = "user", "assistant", "tool_call", "observation", "system"
 ASSISTANT_SIDE = (ASSISTANT, TOOL_CALL, OBSERVATION)
@@ -87,7 +93,7 @@ _ParsedSample = tuple[list[tuple[str, Message]], str | None, list[dict[str, Any]
 
 
 @dataclass
-class _Where:
+class Where:
     """Where a sample came from, so every error can say it."""
 
     file: str
@@ -162,7 +168,7 @@ def _parse_json(path: Path, text: str) -> tuple[list[Any], list[int | None]]:
         ) from None
     if not isinstance(value, list):
         raise DataError(
-            f"the top-level JSON value is {_type_name(value)}, expected an array of samples",
+            f"the top-level JSON value is {type_name(value)}, expected an array of samples",
             fix="put the samples in a JSON array [...], or write a .jsonl file with one sample per line",
             file=path,
         )
@@ -195,7 +201,7 @@ def read_records(path: str | Path) -> tuple[list[Any], list[int | None]]:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {
         dict: "an object",
         list: "an array",
@@ -207,16 +213,18 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _string(where: _Where, value: Any, field_name: str, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
+def string_field(where: Where, value: Any, field_name: str) -> str:
     if not isinstance(value, str):
         raise where.error(
-            f"is {_type_name(value)}, expected a string",
+            f"is {type_name(value)}, expected a string",
             fix="give the text as a JSON string (join lists of parts into one string)",
             field=field_name,
         )
     return value
+
+
+def optional_string(where: Where, value: Any, field_name: str) -> str | None:
+    return None if value is None else string_field(where, value, field_name)
 
 
 def _family_of(record: dict[str, Any]) -> str | None:
@@ -229,7 +237,7 @@ def _family_of(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _sample_id(record: Any) -> str | None:
+def sample_id_of(record: Any) -> str | None:
     if isinstance(record, dict) and record.get("id") is not None:
         return str(record["id"])
     return None
@@ -238,7 +246,7 @@ def _sample_id(record: Any) -> str | None:
 # ------------------------------------------------------------------------------------ per-format reading
 
 
-def _tools(where: _Where, value: Any, field_name: str = "tools") -> list[dict[str, Any]]:
+def tool_list(where: Where, value: Any, field_name: str = "tools") -> list[dict[str, Any]]:
     """A tool list: a JSON array (or a string holding one) of functions, each either
     {name, description, parameters} or OpenAI's {"type": "function", "function": {...}}."""
     if value is None or value == "":
@@ -254,7 +262,7 @@ def _tools(where: _Where, value: Any, field_name: str = "tools") -> list[dict[st
             ) from None
     if not isinstance(value, list):
         raise where.error(
-            f"is {_type_name(value)}, expected an array of tool descriptions",
+            f"is {type_name(value)}, expected an array of tool descriptions",
             fix='write [{"name": ..., "description": ..., "parameters": {...}}, ...]',
             field=field_name,
         )
@@ -272,7 +280,7 @@ def _tools(where: _Where, value: Any, field_name: str = "tools") -> list[dict[st
     return tools
 
 
-def _tool_call_messages(where: _Where, value: Any, field_name: str) -> list[Message]:
+def _tool_call_messages(where: Where, value: Any, field_name: str) -> list[Message]:
     """ShareGPT function_call values: a JSON object {name, arguments} (or an array of them)."""
     if isinstance(value, str):
         try:
@@ -303,85 +311,107 @@ def _call_message(name: str, arguments: Any) -> Message:
     return Message(TOOL_CALL, "", tool_name=name, tool_arguments=arguments)
 
 
+def conversation_turn(
+    where: Where, turn: Any, name: str, roles: dict[str, str], format_name: str
+) -> list[tuple[str, Message]]:
+    """One {from, value} turn (a function_call value may hold several calls)."""
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise where.error(
+            "a turn must be an object with 'from' and 'value'",
+            fix='write each turn as {"from": "user", "value": "..."}',
+            field=name,
+        )
+    role = roles.get(turn["from"]) if isinstance(turn["from"], str) else None
+    if role is None:
+        raise where.error(
+            f"unknown role {turn['from']!r} for the {format_name} format",
+            fix=f"use one of {', '.join(sorted(roles))}",
+            field=f"{name}.from",
+        )
+    value_field = f"{name}.value"
+    if role == TOOL_CALL:
+        return [(value_field, message) for message in _tool_call_messages(where, turn["value"], value_field)]
+    return [(value_field, Message(role, string_field(where, turn["value"], value_field)))]
+
+
+def conversation_items(
+    where: Where, turns: Any, field_name: str, roles: dict[str, str], format_name: str
+) -> list[tuple[str, Message]]:
+    if not isinstance(turns, list):
+        raise where.error(
+            f"is {type_name(turns)}, expected an array of turns",
+            fix=f'write "{field_name}": [{{"from": "user", "value": "..."}}, ...]',
+            field=field_name,
+        )
+    return [
+        item
+        for position, turn in enumerate(turns)
+        for item in conversation_turn(where, turn, f"{field_name}[{position}]", roles, format_name)
+    ]
+
+
 def _conversations_turns(
-    where: _Where, record: dict[str, Any], roles: dict[str, str], format_name: str
+    where: Where, record: dict[str, Any], roles: dict[str, str], format_name: str
 ) -> _ParsedSample:
-    turns = record["conversations"]
+    items = conversation_items(where, record["conversations"], "conversations", roles, format_name)
+    system = optional_string(where, record.get("system"), "system")
+    return items, system, tool_list(where, record.get("tools"))
+
+
+def openai_message(where: Where, turn: Any, name: str) -> list[tuple[str, Message]]:
+    """One {role, content} message (an assistant message with tool calls gives one item per call)."""
+    if not isinstance(turn, dict) or "role" not in turn:
+        raise where.error(
+            "a message must be an object with 'role' and 'content'",
+            fix='write each message as {"role": "user", "content": "..."}',
+            field=name,
+        )
+    role = OPENAI_ROLES.get(turn["role"]) if isinstance(turn["role"], str) else None
+    if role is None:
+        raise where.error(
+            f"unknown role {turn['role']!r} for the openai format",
+            fix=f"use one of {', '.join(OPENAI_ROLES)}",
+            field=f"{name}.role",
+        )
+    calls = _openai_calls(where, turn, name) if role == ASSISTANT else []
+    content_field = f"{name}.content"
+    content = (
+        optional_string(where, turn.get("content"), content_field)
+        if calls
+        else string_field(where, turn.get("content"), content_field)
+    )
+    if calls:
+        calls[0].content = content or ""
+        return [(content_field, call) for call in calls]
+    return [(content_field, Message(role, content or ""))]
+
+
+def openai_items(where: Where, turns: Any, field_name: str) -> list[tuple[str, Message]]:
     if not isinstance(turns, list):
         raise where.error(
-            f"is {_type_name(turns)}, expected an array of turns",
-            fix='write "conversations": [{"from": "user", "value": "..."}, ...]',
-            field="conversations",
+            f"is {type_name(turns)}, expected an array of messages",
+            fix=f'write "{field_name}": [{{"role": "user", "content": "..."}}, ...]',
+            field=field_name,
         )
-    items: list[tuple[str, Message]] = []
-    for position, turn in enumerate(turns):
-        name = f"conversations[{position}]"
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise where.error(
-                "a turn must be an object with 'from' and 'value'",
-                fix='write each turn as {"from": "user", "value": "..."}',
-                field=name,
-            )
-        role = roles.get(turn["from"]) if isinstance(turn["from"], str) else None
-        if role is None:
-            raise where.error(
-                f"unknown role {turn['from']!r} for the {format_name} format",
-                fix=f"use one of {', '.join(sorted(roles))}",
-                field=f"{name}.from",
-            )
-        value_field = f"{name}.value"
-        if role == TOOL_CALL:
-            items.extend(
-                (value_field, message) for message in _tool_call_messages(where, turn["value"], value_field)
-            )
-        else:
-            items.append((value_field, Message(role, _string(where, turn["value"], value_field))))
-    system = _string(where, record.get("system"), "system", optional=True)
-    return items, system, _tools(where, record.get("tools"))
+    return [
+        item
+        for position, turn in enumerate(turns)
+        for item in openai_message(where, turn, f"{field_name}[{position}]")
+    ]
 
 
-def _openai_turns(where: _Where, record: dict[str, Any]) -> _ParsedSample:
-    turns = record["messages"]
-    if not isinstance(turns, list):
-        raise where.error(
-            f"is {_type_name(turns)}, expected an array of messages",
-            fix='write "messages": [{"role": "user", "content": "..."}, ...]',
-            field="messages",
-        )
-    items: list[tuple[str, Message]] = []
-    for position, turn in enumerate(turns):
-        name = f"messages[{position}]"
-        if not isinstance(turn, dict) or "role" not in turn:
-            raise where.error(
-                "a message must be an object with 'role' and 'content'",
-                fix='write each message as {"role": "user", "content": "..."}',
-                field=name,
-            )
-        role = OPENAI_ROLES.get(turn["role"]) if isinstance(turn["role"], str) else None
-        if role is None:
-            raise where.error(
-                f"unknown role {turn['role']!r} for the openai format",
-                fix=f"use one of {', '.join(OPENAI_ROLES)}",
-                field=f"{name}.role",
-            )
-        calls = _openai_calls(where, turn, name) if role == ASSISTANT else []
-        content_field = f"{name}.content"
-        content = _string(where, turn.get("content"), content_field, optional=bool(calls))
-        if calls:
-            calls[0].content = content or ""
-            items.extend((content_field, call) for call in calls)
-        else:
-            items.append((content_field, Message(role, content)))
-    system = _string(where, record.get("system"), "system", optional=True)
-    return items, system, _tools(where, record.get("tools") or record.get("functions"))
+def _openai_turns(where: Where, record: dict[str, Any]) -> _ParsedSample:
+    items = openai_items(where, record["messages"], "messages")
+    system = optional_string(where, record.get("system"), "system")
+    return items, system, tool_list(where, record.get("tools") or record.get("functions"))
 
 
-def _openai_calls(where: _Where, turn: dict[str, Any], name: str) -> list[Message]:
+def _openai_calls(where: Where, turn: dict[str, Any], name: str) -> list[Message]:
     """tool_calls [{"type": "function", "function": {name, arguments}}] or legacy function_call."""
     raw_calls = turn.get("tool_calls") or ([turn["function_call"]] if turn.get("function_call") else [])
     if not isinstance(raw_calls, list):
         raise where.error(
-            f"is {_type_name(raw_calls)}, expected an array of tool calls",
+            f"is {type_name(raw_calls)}, expected an array of tool calls",
             fix='write "tool_calls": [{"type": "function", "function": {"name": ..., "arguments": "..."}}]',
             field=f"{name}.tool_calls",
         )
@@ -398,12 +428,12 @@ def _openai_calls(where: _Where, turn: dict[str, Any], name: str) -> list[Messag
     return calls
 
 
-def _alpaca_turns(where: _Where, record: dict[str, Any]) -> _ParsedSample:
+def _alpaca_turns(where: Where, record: dict[str, Any]) -> _ParsedSample:
     items: list[tuple[str, Message]] = []
     history = record.get("history") or []
     if not isinstance(history, list):
         raise where.error(
-            f"is {_type_name(history)}, expected an array of [question, answer] pairs",
+            f"is {type_name(history)}, expected an array of [question, answer] pairs",
             fix='write "history": [["question", "answer"], ...]',
             field="history",
         )
@@ -415,40 +445,37 @@ def _alpaca_turns(where: _Where, record: dict[str, Any]) -> _ParsedSample:
                 field=f"history[{position}]",
             )
         items.append(
-            (f"history[{position}][0]", Message(USER, _string(where, pair[0], f"history[{position}][0]")))
+            (
+                f"history[{position}][0]",
+                Message(USER, string_field(where, pair[0], f"history[{position}][0]")),
+            )
         )
         items.append(
             (
                 f"history[{position}][1]",
-                Message(ASSISTANT, _string(where, pair[1], f"history[{position}][1]")),
+                Message(ASSISTANT, string_field(where, pair[1], f"history[{position}][1]")),
             )
         )
-    instruction = _string(where, record["instruction"], "instruction")
-    extra_input = _string(where, record.get("input"), "input", optional=True)
+    instruction = string_field(where, record["instruction"], "instruction")
+    extra_input = optional_string(where, record.get("input"), "input")
     query = "\n".join(part for part in (instruction, extra_input) if part)
     items.append(("instruction", Message(USER, query)))
-    items.append(("output", Message(ASSISTANT, _string(where, record["output"], "output"))))
-    system = _string(where, record.get("system"), "system", optional=True)
-    return items, system, _tools(where, record.get("tools"))
+    items.append(("output", Message(ASSISTANT, string_field(where, record["output"], "output"))))
+    system = optional_string(where, record.get("system"), "system")
+    return items, system, tool_list(where, record.get("tools"))
 
 
 # ---------------------------------------------------------------------------------------- assembling
 
 
-def _assemble(
-    where: _Where,
+def assemble_messages(
+    where: Where,
     items: list[tuple[str, Message]],
     system: str | None,
     tools: list[dict[str, Any]],
-    list_field: str,
 ) -> Conversation:
-    """Checks shared by all formats: system only first, something to learn, observations after calls."""
-    if not items:
-        raise where.error(
-            "the conversation is empty",
-            fix="remove the sample or give it at least a user and an assistant turn",
-            field=list_field,
-        )
+    """Checks shared by conversations and prompts: system only first, leading non-user turns dropped,
+    observations after calls. The caller checks that `items` is not empty."""
     if items[0][1].role == SYSTEM:
         field_name, message = items.pop(0)
         if system is not None and system != message.content:
@@ -469,12 +496,6 @@ def _assemble(
     while items and items[0][1].role != USER:
         items.pop(0)
         dropped += 1
-    if not any(message.role in (ASSISTANT, TOOL_CALL) for _, message in items):
-        raise where.error(
-            "the conversation has no assistant turn after a user turn, so there is nothing to learn",
-            fix="add the assistant's answer, or remove the sample",
-            field=list_field,
-        )
     previous = USER
     for field_name, message in items:
         if message.role == OBSERVATION and previous not in (TOOL_CALL, OBSERVATION):
@@ -493,42 +514,101 @@ def _assemble(
     )
 
 
-def _normalise(where: _Where, record: dict[str, Any], family: str, data_format: str) -> Conversation:
+def _assemble(
+    where: Where,
+    items: list[tuple[str, Message]],
+    system: str | None,
+    tools: list[dict[str, Any]],
+    list_field: str,
+) -> Conversation:
+    """A training conversation: not empty, and with something to learn."""
+    if not items:
+        raise where.error(
+            "the conversation is empty",
+            fix="remove the sample or give it at least a user and an assistant turn",
+            field=list_field,
+        )
+    conversation = assemble_messages(where, items, system, tools)
+    if not any(message.role in (ASSISTANT, TOOL_CALL) for message in conversation.messages):
+        raise where.error(
+            "the conversation has no assistant turn after a user turn, so there is nothing to learn",
+            fix="add the assistant's answer, or remove the sample",
+            field=list_field,
+        )
+    return conversation
+
+
+def sharegpt_roles(data_format: str) -> tuple[dict[str, str], str]:
+    """The role names a `conversations` sample may use, and how to name that set in errors."""
+    return (QWEN_ROLES, "qwen") if data_format == "qwen" else (SHAREGPT_ROLES, "qwen/sharegpt")
+
+
+def _normalise(where: Where, record: dict[str, Any], family: str, data_format: str) -> Conversation:
     if family == "conversations":
-        roles = QWEN_ROLES if data_format == "qwen" else SHAREGPT_ROLES
-        name = "qwen" if data_format == "qwen" else "qwen/sharegpt"
+        roles, name = sharegpt_roles(data_format)
         return _assemble(where, *_conversations_turns(where, record, roles, name), "conversations")
     if family == "openai":
         return _assemble(where, *_openai_turns(where, record), "messages")
     return _assemble(where, *_alpaca_turns(where, record), "instruction")
 
 
-def _is_sharegpt(record: dict[str, Any]) -> bool:
+def is_sharegpt(record: dict[str, Any], turn_fields: tuple[str, ...] = ("conversations",)) -> bool:
+    """A `conversations` sample with ShareGPT-only features: a system or tools field, or ShareGPT role
+    names in any of `turn_fields` (a field may hold a list of turns or a single turn)."""
     if "system" in record or "tools" in record:
         return True
-    turns = record.get("conversations")
-    return isinstance(turns, list) and any(
-        isinstance(turn, dict) and turn.get("from") in SHAREGPT_ONLY_ROLES for turn in turns
-    )
+    for name in turn_fields:
+        turns = record.get(name)
+        turns = turns if isinstance(turns, list) else [turns]
+        if any(isinstance(turn, dict) and turn.get("from") in SHAREGPT_ONLY_ROLES for turn in turns):
+            return True
+    return False
 
 
-def load_file(path: str | Path, data_format: str = "auto") -> LoadedFile:
-    """Read, detect the format (all samples of a file must share it) and normalise every sample."""
+def is_pair(record: dict[str, Any]) -> bool:
+    return "chosen" in record and "rejected" in record
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """The sample shapes one kind of data accepts, for detection and for errors."""
+
+    kind: str  # "conversation" or "preference pair", as errors name it
+    example: str  # a sample object, for the error on a sample that is not one
+    shapes: dict[str, str]  # family -> the key(s) that identify it, as errors name them
+    family_of_format: dict[str, str]  # --data_format -> family
+    family_of: Callable[[dict[str, Any]], str | None]
+    wrong_kind: Callable[[Where, dict[str, Any]], DataError | None]
+
+
+def shaped_records(
+    path: str | Path, data_format: str, layouts: Layouts
+) -> list[tuple[Where, dict[str, Any], str]]:
+    """Every sample of a file with where it is and its family; one family per file."""
+    if data_format != "auto" and data_format not in layouts.family_of_format:
+        raise DataError(
+            f"--data_format {data_format} has no {layouts.kind} layout",
+            fix=f"use one of auto, {', '.join(layouts.family_of_format)} for {layouts.kind}s",
+            file=path,
+        )
     file = str(path)
     records, lines = read_records(path)
-    expected_family = FAMILY_OF_FORMAT.get(data_format)
+    expected_family = layouts.family_of_format.get(data_format)
     first_family: str | None = None
-    conversations = []
+    shaped = []
     for index, (record, line) in enumerate(zip(records, lines)):
-        where = _Where(file, index, _sample_id(record), line)
+        where = Where(file, index, sample_id_of(record), line)
         if not isinstance(record, dict):
             raise where.error(
-                f"the sample is {_type_name(record)}, expected a JSON object",
-                fix='make every sample an object such as {"conversations": [...]}',
+                f"the sample is {type_name(record)}, expected a JSON object",
+                fix=f"make every sample an object such as {layouts.example}",
             )
-        family = _family_of(record)
+        wrong_kind = layouts.wrong_kind(where, record)
+        if wrong_kind is not None:
+            raise wrong_kind
+        family = layouts.family_of(record)
         if family is None or (expected_family is not None and family != expected_family):
-            expected = [SHAPES[expected_family]] if expected_family else list(SHAPES.values())
+            expected = [layouts.shapes[expected_family]] if expected_family else list(layouts.shapes.values())
             raise where.error(
                 f"unknown sample shape with keys {sorted(record)}",
                 fix=f"give each sample the key(s) {' or '.join(expected)}"
@@ -538,14 +618,52 @@ def load_file(path: str | Path, data_format: str = "auto") -> LoadedFile:
             first_family = family
         elif family != first_family:
             raise where.error(
-                f"mixed formats: this sample is shaped {SHAPES[family]} but sample 0 is {SHAPES[first_family]}",
+                f"mixed formats: this sample is shaped {layouts.shapes[family]} but sample 0 is "
+                f"{layouts.shapes[first_family]}",
                 fix="use one format per file (split the file, or convert these samples)",
             )
-        conversations.append(_normalise(where, record, family, data_format))
+        shaped.append((where, record, family))
+    return shaped
+
+
+def detected_format(
+    data_format: str, shaped: list[tuple[Where, dict[str, Any], str]], sharegpt_fields: tuple[str, ...]
+) -> str:
+    """The format name a file is reported with: the forced one, or what its samples look like."""
     if data_format != "auto":
-        detected = data_format
-    elif first_family == "conversations":
-        detected = "sharegpt" if any(_is_sharegpt(record) for record in records) else "qwen"
-    else:
-        detected = first_family or "unknown"
-    return LoadedFile(path=file, format=detected, conversations=conversations)
+        return data_format
+    family = shaped[0][2]
+    if family == "conversations":
+        return "sharegpt" if any(is_sharegpt(record, sharegpt_fields) for _, record, _ in shaped) else "qwen"
+    return family
+
+
+def _pair_in_conversation_data(where: Where, record: dict[str, Any]) -> DataError | None:
+    if not is_pair(record):
+        return None
+    return where.error(
+        "the sample is a preference pair ('chosen' / 'rejected'), not a conversation to imitate",
+        fix="train preference pairs with a preference stage, or give supervised samples their answer as the "
+        "last assistant turn",
+    )
+
+
+CONVERSATION_LAYOUTS = Layouts(
+    kind="conversation",
+    example='{"conversations": [...]}',
+    shapes=SHAPES,
+    family_of_format=FAMILY_OF_FORMAT,
+    family_of=_family_of,
+    wrong_kind=_pair_in_conversation_data,
+)
+
+
+def load_file(path: str | Path, data_format: str = "auto") -> LoadedFile:
+    """Read, detect the format (all samples of a file must share it) and normalise every sample."""
+    shaped = shaped_records(path, data_format, CONVERSATION_LAYOUTS)
+    conversations = [_normalise(where, record, family, data_format) for where, record, family in shaped]
+    return LoadedFile(
+        path=str(path),
+        format=detected_format(data_format, shaped, ("conversations",)),
+        conversations=conversations,
+    )

@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 import torch
 
-from .chatml import IGNORE_INDEX
+from qwen_model.chunked_loss import IGNORE_INDEX
 
 
 def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:

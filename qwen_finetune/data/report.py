@@ -1,5 +1,9 @@
 """The data report: what the pipeline did to the data and what each batching mode would cost.
 
+For preference pairs the report counts pairs (read, kept, skipped by reason, prompts shortened) and
+their prompt / chosen / rejected tokens; `length` is then the longer sequence of each pair, and there
+is no padding simulation (a batch holds both sequences of every pair).
+
 Padding efficiency = real tokens / tokens the model computes (real + padding), for the batch size
 given, simulated on the actual lengths: `pad_to_max` pads every row to model_max_length (the
 original); `dynamic` pads each batch to its longest row, in random order as the trainer shuffles;
@@ -21,23 +25,34 @@ import numpy as np
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from .chatml import SKIP_REASONS
+from . import chatml, pairs
 from .packing import pack_lengths
 
 REPORT_FILE = "data_stats.json"
 SIMULATION_SEED = 0
 EXAMPLE_IDS = 5
+SKIP_REASONS = {**chatml.SKIP_REASONS, **pairs.SKIP_REASONS}
 
 
 @dataclass
 class SplitColumns:
-    """Per-sample columns of one split (all samples read, skipped ones included)."""
+    """Per-sample columns of one split (all samples read, skipped ones included). `token_counts` are
+    summed into the report under their names (total_tokens, supervised_tokens, ...)."""
 
     ids: list[str]
     lengths: np.ndarray
-    num_supervised: np.ndarray
     truncated: np.ndarray
     skip_reasons: list[str]
+    token_counts: dict[str, np.ndarray]
+
+    def take(self, rows: np.ndarray) -> SplitColumns:
+        return SplitColumns(
+            ids=[self.ids[row] for row in rows],
+            lengths=self.lengths[rows],
+            truncated=self.truncated[rows],
+            skip_reasons=[self.skip_reasons[row] for row in rows],
+            token_counts={name: counts[rows] for name, counts in self.token_counts.items()},
+        )
 
     def kept_mask(self) -> np.ndarray:
         return np.array([not reason for reason in self.skip_reasons], dtype=bool)
@@ -87,6 +102,7 @@ def split_report(
     max_length: int,
     pad_to_max_length: bool,
     token_stats: bool = True,
+    padding_stats: bool = True,
 ) -> dict[str, Any]:
     kept = columns.kept_mask()
     reasons = Counter(reason for reason in columns.skip_reasons if reason)
@@ -110,8 +126,8 @@ def split_report(
         return report
     lengths = columns.lengths[kept]
     report["truncated"] = int(columns.truncated[kept].sum())
-    report["total_tokens"] = int(lengths.sum())
-    report["supervised_tokens"] = int(columns.num_supervised[kept].sum())
+    for name, counts in columns.token_counts.items():
+        report[name] = int(counts[kept].sum())
     if len(lengths):
         percentiles = np.percentile(lengths, [50, 90, 95, 99])
         report["length"] = {
@@ -123,7 +139,10 @@ def split_report(
             "p99": float(percentiles[3]),
             "max": int(lengths.max()),
         }
-        report["padding_efficiency"] = padding_efficiency(lengths, batch_size, max_length, pad_to_max_length)
+        if padding_stats:
+            report["padding_efficiency"] = padding_efficiency(
+                lengths, batch_size, max_length, pad_to_max_length
+            )
     return report
 
 
@@ -135,31 +154,39 @@ def batching_mode(packing: bool, pad_to_max_length: bool) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     settings = report["settings"]
+    pairs = settings.get("kind") == "preference"  # reports written before pairs existed have no kind
+    labels = "preference pairs" if pairs else f"label_policy {settings['label_policy']}"
+    unit = "pairs" if pairs else "samples"
     lines = [
-        f"Data report (model_max_length {settings['model_max_length']}, label_policy {settings['label_policy']}, "
+        f"Data report (model_max_length {settings['model_max_length']}, {labels}, "
         f"truncation {settings['truncation']}, batching {settings['batching']})"
     ]
     for file in report["files"]:
         dropped = file["leading_turns_dropped"]
         note = f", {dropped} leading non-user turns dropped" if dropped else ""
-        lines.append(f"  file {file['path']}: {file['format']}, {file['samples']} samples{note}")
+        lines.append(f"  file {file['path']}: {file['format']}, {file['samples']} {unit}{note}")
     for split in ("train", "eval"):
         stats = report.get(split)
         if not stats:
             continue
         lines.append(
-            f"  {split}: {stats['samples_read']} read, {stats['samples_kept']} kept, "
+            f"  {split}: {stats['samples_read']} {unit} read, {stats['samples_kept']} kept, "
             f"{stats['samples_skipped']} skipped"
-            + (f", {stats['truncated']} truncated" if "truncated" in stats else "")
+            + (
+                f", {stats['truncated']} {'with a shortened prompt' if pairs else 'truncated'}"
+                if "truncated" in stats
+                else ""
+            )
         )
         for reason, detail in stats["skipped"].items():
             lines.append(
                 f"    skipped {reason}: {detail['count']} ({detail['why']}), e.g. {detail['example_ids']}"
             )
-        if "total_tokens" in stats:
-            lines.append(
-                f"    tokens: {stats['total_tokens']} total, {stats['supervised_tokens']} supervised"
-            )
+        counts = [
+            f"{stats[name]} {name.removesuffix('_tokens')}" for name in stats if name.endswith("_tokens")
+        ]
+        if counts:
+            lines.append("    tokens: " + ", ".join(counts))
         if "length" in stats:
             length = stats["length"]
             lines.append(
