@@ -354,7 +354,7 @@ def build_parser() -> FinetuneParser:
     return FinetuneParser(
         [DataClassType(item) for item in dataclass_types],
         prog="finetune.py",
-        description="Fine-tune a Qwen (v1) model: full, LoRA, LoRA + embeddings, Q-LoRA (GPTQ or NF4). "
+        description="Fine-tune a Qwen (v1) model on conversations or preference pairs (--stage dpo): full, LoRA, LoRA + embeddings, Q-LoRA (GPTQ or NF4). "
         "Reference: docs/training.md.",
     )
 

@@ -5,7 +5,7 @@ HELP = (
     "usage: python finetune.py [--config FILE ...] [--FLAG VALUE ...]\n"
     "       bash finetune/finetune_*.sh -m MODEL -d DATA [--FLAG VALUE ...]   (each script's -h says more)\n"
     "\n"
-    "Fine-tune a Qwen (v1) model: full, LoRA, LoRA + embeddings, Q-LoRA (GPTQ or NF4). Reference: docs/training.md.\n"
+    "Fine-tune a Qwen (v1) model on conversations or preference pairs (--stage dpo): full, LoRA, LoRA + embeddings, Q-LoRA (GPTQ or NF4). Reference: docs/training.md.\n"
     "Flags override the --config files. A yes/no flag alone means true; `--FLAG false` turns it off.\n"
     "\n"
     "command:\n"

@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
+
 from .args import DataArguments, DataKind, EncodingOptions
 from .chatml import ChatMLEncoder
 from .collate import SupervisedCollator
@@ -70,7 +72,9 @@ class EncodedSplits:
     report: dict[str, Any]
 
 
-def make_data_collator(data_args: DataArguments, tokenizer: Any, model_max_length: int) -> SupervisedCollator:
+def make_data_collator(
+    data_args: DataArguments, tokenizer: QwenTokenizerLike, model_max_length: int
+) -> SupervisedCollator:
     return SupervisedCollator(
         pad_token_id=tokenizer.eod_id,
         pad_to_length=model_max_length if data_args.pad_to_max_length else None,
@@ -214,7 +218,7 @@ def _publish(report: dict[str, Any], output_dir: str | os.PathLike | None) -> No
 
 def encode_splits(
     data_args: DataArguments,
-    tokenizer: Any,
+    tokenizer: QwenTokenizerLike,
     options: EncodingOptions,
     *,
     per_device_batch_size: int = 1,
@@ -268,7 +272,7 @@ def encode_splits(
 
 
 def _lazy_data(
-    data_args: DataArguments, tokenizer: Any, options: EncodingOptions, batch_size: int
+    data_args: DataArguments, tokenizer: QwenTokenizerLike, options: EncodingOptions, batch_size: int
 ) -> tuple[LazySupervisedDataset, LazySupervisedDataset | None, dict[str, Any]]:
     """Files are read and validated now; encoding happens when a sample is used."""
     sources = _split_sources(
@@ -301,7 +305,7 @@ def _lazy_data(
 
 def make_supervised_data(
     data_args: DataArguments,
-    tokenizer: Any,
+    tokenizer: QwenTokenizerLike,
     model_max_length: int,
     *,
     per_device_batch_size: int = 1,

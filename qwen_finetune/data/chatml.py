@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 from qwen_model.chunked_loss import IGNORE_INDEX
 from qwen_model.tokenization_qwen import nfc_positions, token_char_spans
 
@@ -75,7 +76,7 @@ class ChatMLEncoder:
     # Columns only the data report reads; the training dataset drops them.
     stat_columns = ("num_supervised", "truncated", "skip_reason")
 
-    def __init__(self, tokenizer: Any, options: EncodingOptions) -> None:
+    def __init__(self, tokenizer: QwenTokenizerLike, options: EncodingOptions) -> None:
         self.tokenizer = tokenizer
         self.options = options
         self.max_length = options.max_length

@@ -25,6 +25,7 @@ import datasets
 import multiprocess
 import torch
 
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 from qwen_model.chunked_loss import IGNORE_INDEX
 
 from .args import DataKind, EncodingOptions
@@ -76,7 +77,7 @@ def _sha256_of_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: QwenTokenizerLike) -> str:
     """Vocabulary files (when the tokenizer names them), special ids and a probe encoding."""
     parts: dict[str, Any] = {
         "class": type(tokenizer).__name__,
@@ -91,7 +92,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key(files: list[str], tokenizer: Any, options: dict[str, Any]) -> str:
+def cache_key(files: list[str], tokenizer: QwenTokenizerLike, options: dict[str, Any]) -> str:
     """Hex key over the files' contents (not their names or dates), the tokenizer and the options."""
     parts = {
         "version": CACHE_FORMAT_VERSION,
@@ -271,7 +272,7 @@ def local_main_process_first() -> Iterator[None]:
 
 def encode_files(
     paths: list[str],
-    tokenizer: Any,
+    tokenizer: QwenTokenizerLike,
     options: EncodingOptions,
     *,
     num_workers: int | None,

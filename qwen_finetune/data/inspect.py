@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
+
 from .args import DataArguments, DataKind
 from .build import encode_splits
 from .errors import DataError
@@ -52,7 +54,7 @@ def write_dump(samples: Any, path: str | os.PathLike, kind: DataKind = "supervis
 
 def run_check_data(
     data_args: DataArguments,
-    tokenizer: Any,
+    tokenizer: QwenTokenizerLike,
     model_max_length: int,
     output_dir: str | os.PathLike | None,
     *,

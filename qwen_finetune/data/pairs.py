@@ -17,6 +17,7 @@ from typing import Any
 
 import datasets
 
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 from qwen_model.chunked_loss import IGNORE_INDEX
 
 from .args import EncodingOptions
@@ -78,7 +79,7 @@ class PairEncoder:
     )
     stat_columns = ("truncated", "skip_reason")
 
-    def __init__(self, tokenizer: Any, options: EncodingOptions) -> None:
+    def __init__(self, tokenizer: QwenTokenizerLike, options: EncodingOptions) -> None:
         self.chatml = ChatMLEncoder(tokenizer, options)
         self.options = options
         self.answer_header = [

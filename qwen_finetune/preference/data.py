@@ -4,18 +4,20 @@ the one-forward-pass collator and the data report."""
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from qwen_finetune.data import DataArguments, PreparedData, encode_splits
 from qwen_finetune.data.build import MainProcessFirst
 from qwen_finetune.errors import ArgumentError
+from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 
 from .collate import PairCollator
 
 PreferenceData = PreparedData[PairCollator]
 
 
-def make_pair_collator(data_args: DataArguments, tokenizer: Any, model_max_length: int) -> PairCollator:
+def make_pair_collator(
+    data_args: DataArguments, tokenizer: QwenTokenizerLike, model_max_length: int
+) -> PairCollator:
     return PairCollator(
         pad_token_id=tokenizer.eod_id,
         max_length=model_max_length,
@@ -26,7 +28,7 @@ def make_pair_collator(data_args: DataArguments, tokenizer: Any, model_max_lengt
 
 def make_preference_data(
     data_args: DataArguments,
-    tokenizer: Any,
+    tokenizer: QwenTokenizerLike,
     model_max_length: int,
     *,
     per_device_batch_size: int = 1,
