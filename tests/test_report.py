@@ -172,7 +172,9 @@ def test_preference_runs_get_reward_plots_with_their_logged_values():
                 "rewards/accuracies": 0.25 * step,
             }
         )
-    history.append({"step": 4, "eval_loss": 0.3, "eval_rewards/margins": 0.11, "eval_rewards/accuracies": 0.875})
+    history.append(
+        {"step": 4, "eval_loss": 0.3, "eval_rewards/margins": 0.11, "eval_rewards/accuracies": 0.875}
+    )
     plots = {plot.name: plot for plot in plots_of(history)}
     assert [series.key for series in plots["rewards"].series] == [
         "rewards/chosen",

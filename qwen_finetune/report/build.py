@@ -27,7 +27,7 @@ def check_report_dependencies() -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise ToolkitError(
             "the run report needs matplotlib, which is not installed; "
-            'it is a dependency of the package: reinstall it with `pip install -c constraints.txt -e .`'
+            "it is a dependency of the package: reinstall it with `pip install -c constraints.txt -e .`"
         )
 
 
