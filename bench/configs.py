@@ -3,7 +3,7 @@
 A configuration is (mode, batching, model_max_length), plus the model (the `small` one, or a released
 architecture with random weights), the trainer (the toolkit, or TRL as a peer with the same data,
 adapters, optimizer and token budget) and the stage (supervised fine-tuning, or DPO on preference pairs:
-`--stage dpo` against TRL's DPOTrainer, 2 pairs per micro-batch x 4, batching "pairs"). Modes are the
+`--stage dpo` against TRL's DPOTrainer, 2 pairs per micro-batch x 4, batching "pairs", or "packed_pairs" at 2048). Modes are the
 toolkit's training methods; batching is how samples become rows:
 
     padded   the original recipe: every sample padded to model_max_length, no grouping, and the loss
@@ -35,12 +35,16 @@ DATA_FILES = (
 ALPACA_FILE = DATA_FILES[0]
 
 MODES = ("full", "lora", "lora_emb", "qlora_int4", "nf4")
-BATCHINGS = ("padded", "grouped", "packed", "pairs")
+BATCHINGS = ("padded", "grouped", "packed", "pairs", "packed_pairs")
+PAIR_BATCHINGS = ("pairs", "packed_pairs")
 # What trains: supervised fine-tuning on conversations, or DPO (the sigmoid preference loss, beta 0.1)
 # on chosen / rejected pairs, with a reference that is the policy with its adapter switched off.
 STAGES = ("sft", "dpo")
 DPO_DATA_FILES = (DATA_DIR / "llamafactory_dpo_en_demo.json",)
 DPO_MAX_LENGTH = 1024  # TRL's default for DPO; the longest pair of the demo data fits
+# At 2048 the toolkit packs each micro-batch's sequences into rows of 2048 (--packing); TRL's DPOTrainer
+# has no padding-free mode, so it pads them to the longest as at 1024.
+DPO_PACKED_LENGTH = 2048
 DPO_PAIRS_PER_MICRO_BATCH = 2  # each pair is two sequences, chosen and rejected, padded together
 DPO_ACCUMULATION_STEPS = 4
 DPO_BETA = 0.1
@@ -81,6 +85,7 @@ BATCHING_LABELS = {
     "grouped": "dynamic padding + length grouping",
     "packed": "packing",
     "pairs": "preference pairs, dynamic padding",
+    "packed_pairs": "preference pairs, packed",
 }
 
 
@@ -107,8 +112,10 @@ class BenchConfig:
             raise ValueError(f"packed rows of {self.max_length} tokens do not divide {TOKENS_PER_STEP}")
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}: choose from {', '.join(STAGES)}")
-        if (self.stage == "dpo") != (self.batching == "pairs"):
+        if (self.stage == "dpo") != (self.batching in PAIR_BATCHINGS):
             raise ValueError("preference pairs are the batching of DPO, and only of DPO")
+        if self.trainer == "trl" and self.batching == "packed_pairs":
+            raise ValueError("TRL's DPOTrainer cannot pack pairs: it runs batching 'pairs'")
         if self.stage == "dpo" and self.mode != "lora":
             raise ValueError("DPO runs LoRA (its reference is the policy with the adapter switched off)")
         if self.trainer == "trl" and self.stage == "sft" and (self.mode, self.batching) != ("lora", "packed"):
@@ -134,7 +141,7 @@ class BenchConfig:
             return 1, TOKENS_PER_STEP // self.max_length
         if self.batching == "grouped":
             return GROUPED_SAMPLES_PER_MICRO_BATCH, GROUPED_ACCUMULATION_STEPS
-        if self.batching == "pairs":
+        if self.batching in PAIR_BATCHINGS:
             return DPO_PAIRS_PER_MICRO_BATCH, DPO_ACCUMULATION_STEPS
         return 1, BASELINE_ACCUMULATION_STEPS
 
@@ -164,9 +171,15 @@ def default_matrix(
 
 
 def dpo_matrix(steps: int, peers: bool) -> list[BenchConfig]:
-    """DPO with LoRA on the small model: the toolkit's `--stage dpo` and, as its peer, TRL's DPOTrainer."""
-    trainers = ("toolkit", "trl") if peers else ("toolkit",)
-    return [BenchConfig("lora", "pairs", DPO_MAX_LENGTH, steps, trainer=who, stage="dpo") for who in trainers]
+    """DPO with LoRA on the small model: the toolkit's `--stage dpo` and, as its peer, TRL's DPOTrainer, at
+    1024 (both padding each micro-batch) and 2048 (the toolkit packing, TRL padding)."""
+    configs = [BenchConfig("lora", "pairs", DPO_MAX_LENGTH, steps, stage="dpo")]
+    if peers:
+        configs.append(BenchConfig("lora", "pairs", DPO_MAX_LENGTH, steps, trainer="trl", stage="dpo"))
+    configs.append(BenchConfig("lora", "packed_pairs", DPO_PACKED_LENGTH, steps, stage="dpo"))
+    if peers:
+        configs.append(BenchConfig("lora", "pairs", DPO_PACKED_LENGTH, steps, trainer="trl", stage="dpo"))
+    return configs
 
 
 def real_shape_matrix(micro_batches: int = REAL_SHAPE_MICRO_BATCHES) -> list[BenchConfig]:
@@ -233,7 +246,7 @@ def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_
         flags += ["--pad_to_max_length"]
     elif config.batching == "grouped":
         flags += ["--train_sampling_strategy", "group_by_length"]
-    elif config.batching == "packed":
+    elif config.batching in ("packed", "packed_pairs"):
         flags += ["--packing"]
     if config.stage == "dpo":
         flags += ["--stage", "dpo", "--pref_loss", "sigmoid", "--pref_beta", str(DPO_BETA)]

@@ -2,7 +2,9 @@
 
 Each configuration runs in its own child so that peaks do not mix: `os.wait4` returns the resource usage
 of exactly that child (its ru_maxrss, in KiB on Linux), unlike RUSAGE_CHILDREN, which is the maximum over
-every child waited for so far.
+every child waited for so far. On Linux a child's ru_maxrss starts at the size of the process that started
+it (the value survives exec), so the children are started by a small launcher process, itself started
+once, rather than by the caller, which may hold gigabytes (a test session, the benchmark driver).
 """
 
 from __future__ import annotations
@@ -33,19 +35,42 @@ def emit_result(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+# The launcher: reads one JSON request per line (argv, env, log), runs it, answers with its exit status and
+# ru_maxrss. Plain Python without imports beyond the standard library, so it stays a few MB.
+_LAUNCHER = """
+import json, os, subprocess, sys
+for line in sys.stdin:
+    request = json.loads(line)
+    with open(request["log"], "w") as log:
+        child = subprocess.Popen(request["argv"], stdout=log, stderr=subprocess.STDOUT, env=request["env"])
+        _, status, usage = os.wait4(child.pid, 0)
+    print(json.dumps({"exit_code": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}), flush=True)
+"""
+_launcher: subprocess.Popen[str] | None = None
+
+
+def _launch(argv: list[str], env: dict[str, str], log_path: Path) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes) of `argv`, run by the launcher (started on first use)."""
+    global _launcher
+    if _launcher is None or _launcher.poll() is not None:
+        _launcher = subprocess.Popen(
+            [sys.executable, "-S", "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+    assert _launcher.stdin is not None and _launcher.stdout is not None
+    _launcher.stdin.write(json.dumps({"argv": argv, "env": env, "log": str(log_path)}) + "\n")
+    _launcher.stdin.flush()
+    answer = json.loads(_launcher.stdout.readline())
+    return answer["exit_code"], answer["maxrss_kib"] * 1024
+
+
 def run_child(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ChildRun:
     """Run `python ARGS` with stdout+stderr to `log_path`; return its result line and peak RSS."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    exit_code, peak_rss = _launch([sys.executable, *args], {**os.environ, **(env or {})}, log_path)
     wall = time.perf_counter() - started
     result = None
     for line in log_path.read_text(errors="replace").splitlines():
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX) :])
-    return ChildRun(result, usage.ru_maxrss * 1024, process.returncode, wall, log_path)
+    return ChildRun(result, peak_rss, exit_code, wall, log_path)

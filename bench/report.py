@@ -25,6 +25,9 @@ TARGETS = {
     "speedup_vs_trl_512": 5.0,
     "speedup_vs_trl_2048": 5.0,
     "memory_vs_trl_2048": 0.4,
+    "dpo_speedup_vs_trl_1024": 3.0,
+    "dpo_speedup_vs_trl_2048": 3.0,
+    "dpo_memory_vs_trl_2048": 0.5,
     "mfu_full_2048": 0.40,
     "mfu_lora_2048": 0.60,
     "mfu_lora_emb_2048": 0.45,
@@ -32,7 +35,7 @@ TARGETS = {
     "preprocess_uncached_seconds": 2.0,
     "preprocess_cached_seconds": 0.5,
 }
-LOWER_IS_BETTER = ("memory", "preprocess")
+LOWER_IS_BETTER = ("memory", "preprocess", "dpo_memory")
 
 
 def output_layer_work(config: BenchConfig) -> OutputLayerWork:
@@ -76,7 +79,7 @@ def derive(raw: dict[str, Any], peak_flops: float) -> dict[str, Any]:
         raw["lora_rank"],
         tokens,
         output_layer_work(config),
-        packed=config.batching == "packed",
+        packed=config.batching in ("packed", "packed_pairs"),
         checkpointing=config.checkpointing,
         reference_forward=dpo,
     )
@@ -192,6 +195,24 @@ def evaluate_targets(
                     target,
                     f"LoRA peak RSS vs {label} at 2048 ({BATCHING_LABELS[batching]})",
                     row[f"memory_vs_{reference}"],
+                    row["name"],
+                )
+    for length in (1024, 2048):
+        for batching in ("pairs", "packed_pairs"):
+            row = _find(rows, "lora", batching, length)
+            if row is None or row["stage"] != "dpo" or "speedup_vs_trl" not in row:
+                continue
+            add(
+                f"dpo_speedup_vs_trl_{length}",
+                f"DPO LoRA effective tokens/s vs TRL DPOTrainer at {length} ({BATCHING_LABELS[batching]})",
+                row["speedup_vs_trl"],
+                row["name"],
+            )
+            if length == 2048:
+                add(
+                    "dpo_memory_vs_trl_2048",
+                    f"DPO LoRA peak RSS vs TRL DPOTrainer at 2048 ({BATCHING_LABELS[batching]})",
+                    row["memory_vs_trl"],
                     row["name"],
                 )
     for target, mode, model in (

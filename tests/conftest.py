@@ -15,6 +15,17 @@ def _shared_dir() -> Path:
     return Path(os.environ.get("QWEN_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _environment_per_module():
+    """Each test module starts from the environment the session started with: libraries that train in
+    this process set variables (accelerate sets ACCELERATE_USE_FSDP=true once it has seen an FSDP
+    plugin), and every command a later test starts would inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -288,3 +288,31 @@ def test_dpo_child_trains_and_reports(tiny_chat_checkpoint: Path, tmp_path: Path
     assert result["measured_micro_batches"] == 3
     assert 0 < tokens["supervised"] < tokens["real_tokens"] < tokens["padded_tokens"]
     assert "--stage" in result["flags"] and result["train_loss"] == pytest.approx(0.693, abs=0.01)  # log 2
+
+
+def test_peaks_are_the_childs_own_when_a_large_process_starts_it(tmp_path: Path) -> None:
+    """Linux keeps ru_maxrss across exec, so a child of a 1.5 GB process would report 1.5 GB: the
+    benchmark's children and the toolkit's own peak (VmHWM) must report what the child itself used."""
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(BENCH_DIR)!r})\n"
+        "from pathlib import Path\n"
+        "from memory import run_child\n"
+        "held = bytearray(1536 * 2**20)\n"
+        "held[::4096] = b'x' * len(held[::4096])\n"  # touch every page: resident
+        "log = Path(sys.argv[1])\n"
+        "child = 'from qwen_finetune.run_metrics import peak_rss_bytes; print(\"OWN\", peak_rss_bytes())'\n"
+        "run = run_child(['-c', child], log)\n"
+        "own = int(log.read_text().split('OWN')[1])\n"
+        "print(json.dumps({'measured': run.peak_rss_bytes, 'own': own, 'exit': run.exit_code}))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "child.log")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert figures["exit"] == 0
+    assert figures["measured"] < 1024 * 2**20 and figures["own"] < 1024 * 2**20, figures

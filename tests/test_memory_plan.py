@@ -529,14 +529,15 @@ def test_streamed_weights_load_and_repeat_with_the_seed(tmp_path: Path) -> None:
 def test_streamed_writing_holds_about_one_shard_in_memory(tmp_path: Path) -> None:
     """A ~300 MB model in 40 MB shards: the writer's peak stays well below the model's size."""
     script = (
-        "import resource, sys, torch\n"
+        "import sys, torch\n"
+        "from qwen_finetune.run_metrics import peak_rss_bytes\n"
         "from qwen_model.configuration_qwen import QWenConfig\n"
         "from qwen_model.tiny import write_random_weights\n"
         "config = QWenConfig(vocab_size=151936, hidden_size=512, num_hidden_layers=4, num_attention_heads=4,"
         " kv_channels=128, intermediate_size=2048)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = peak_rss_bytes()\n"
         "write_random_weights(config, __import__('pathlib').Path(sys.argv[1]), 0, torch.bfloat16, 40_000_000)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n"
+        "print(peak_rss_bytes() - before)\n"
     )
     import subprocess
 
