@@ -246,6 +246,8 @@ def _ratio(row: dict[str, Any], key: str) -> str:
 
 
 def _who(row: dict[str, Any]) -> str:
+    if row["trainer"] == "trl" and row["stage"] == "dpo":
+        return "TRL DPOTrainer"
     return TRAINER_LABELS[row["trainer"]]
 
 
