@@ -1,14 +1,17 @@
 """The memory plan (`finetune.py --plan`) against the measured peak RSS of the same finetune.py runs on CPU.
 
     python bench/plan_vs_measured.py [--models tiny small qwen-1.8b] [--modes lora full nf4]
-                                     [--lengths 512 2048] [--max-gb 21] [--publish]
+                                     [--lengths 512 2048] [--max-gb 21] [--checkpointing-when-needed]
+                                     [--publish]
 
 For every (model, mode, model_max_length) the plan is made from the flags in this process, then the
 same flags train for two optimizer steps in a fresh `python finetune.py` child whose own peak RSS is
 read with os.wait4 (bench/memory.py). Runs: float32, packed rows of model_max_length, batch 1, no
 gradient accumulation, no gradient checkpointing, data alpaca_en. The models are random-init ones
 built by `python -m qwen_model.tiny` under bench/results/models/. A run whose plan does not fit in
---max-gb is not started; its row shows the plan.
+--max-gb is not started; its row shows the plan. With --checkpointing-when-needed such a run is planned
+again with activation checkpointing (the plan's first suggestion on CPU) and measured that way if it
+then fits.
 
 Writes OUT/plan_vs_measured.json and OUT/PLAN_VS_MEASURED.md (OUT: bench/results/plan_vs_measured);
 --publish copies both into bench/. The "implied runtime" column is measured minus the plan's tensors:
@@ -36,7 +39,7 @@ import torch
 from memory import run_child
 
 from qwen_finetune.args import parse_args
-from qwen_finetune.memory_plan import device_by_name, plan_run
+from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run
 from qwen_model.tiny import tiny_config, tiny_generation_config
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -58,6 +61,11 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=list(MODE_FLAGS), choices=list(MODE_FLAGS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--max-gb", type=float, default=21.0, help="runs planned above this are skipped")
+    parser.add_argument(
+        "--checkpointing-when-needed",
+        action="store_true",
+        help="plan a run that does not fit again with --gradient_checkpointing, and measure it so if it fits",
+    )
     parser.add_argument(
         "--plan-only",
         nargs="+",
@@ -133,18 +141,27 @@ def finetune_flags(model_dir: Path, mode: str, length: int, work: Path) -> list[
     ]
 
 
+def plan_of(flags: list[str], cli: argparse.Namespace) -> RunPlan:
+    cpu = device_by_name("cpu", platform.processor() or "CPU", int(cli.max_gb * GB), "fp32")
+    return plan_run(*parse_args(flags), world_size=1, device=cpu)
+
+
 def measure_row(
     size: str, model_dir: Path, mode: str, length: int, cli: argparse.Namespace
 ) -> dict[str, Any]:
     work = cli.out / "work" / f"{size}-{mode}-{length}"
     flags = finetune_flags(model_dir, mode, length, work)
-    model_args, data_args, training_args, lora_args = parse_args(flags)
-    cpu = device_by_name("cpu", platform.processor() or "CPU", int(cli.max_gb * GB), "fp32")
-    plan = plan_run(model_args, data_args, training_args, lora_args, world_size=1, device=cpu)
+    plan = plan_of(flags, cli)
+    checkpointing = False
+    if plan.peak_bytes > cli.max_gb * GB and cli.checkpointing_when_needed:
+        with_checkpointing = plan_of([*flags, "--gradient_checkpointing"], cli)
+        if with_checkpointing.peak_bytes <= cli.max_gb * GB:
+            flags, plan, checkpointing = [*flags, "--gradient_checkpointing"], with_checkpointing, True
     row: dict[str, Any] = {
         "model": size,
         "mode": mode,
         "max_length": length,
+        "checkpointing": checkpointing,
         "plan_bytes": plan.peak_bytes,
         "plan_phase": plan.memory.peak_phase,
         "plan": plan.to_json(),
@@ -182,7 +199,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Total time {meta['seconds'] / 60:.1f} min.",
         "",
         "Every run: float32, packed rows of model_max_length, batch 1, no accumulation, no gradient "
-        "checkpointing, 2 optimizer steps of `finetune.py` in its own process (peak RSS of that process). "
+        "checkpointing (unless the mode says act. ckpt), 2 optimizer steps of `finetune.py` in its own process (peak RSS of that process). "
         f"Target: plan within {TOLERANCE:.0%} of the measurement.",
         "",
         "| model | mode | tokens | plan GB (peak phase) | measured GB | plan / measured | within 15% | "
@@ -198,7 +215,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{weights / GB:.2f} | {components.get('activations', 0) / GB:.2f} | "
             f"{components.get('loss buffers', 0) / GB:.2f} | {state / GB:.2f}"
         )
-        label = f"| {row['model']} | {MODE_LABELS[row['mode']]} | {row['max_length']} | {plan} |"
+        mode = MODE_LABELS[row["mode"]] + (" (act. ckpt)" if row.get("checkpointing") else "")
+        label = f"| {row['model']} | {mode} | {row['max_length']} | {plan} |"
         if "skipped" in row:
             lines.append(f"{label} not run: {row['skipped']} | - | - | {parts} | - | - |")
             continue

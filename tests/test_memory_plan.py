@@ -527,14 +527,16 @@ def test_streamed_weights_load_and_repeat_with_the_seed(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_streamed_writing_holds_about_one_shard_in_memory(tmp_path: Path) -> None:
-    """A ~300 MB model in 40 MB shards: the writer's peak stays well below the model's size."""
+    """A ~270 MB model of 12 layers in 40 MB shards: the writer's peak grows by about one shard, not by
+    the model. (Its largest tensor is 6 MB: with the full vocabulary a single embedding would be the size
+    of four shards and no writer could stay below it.)"""
     script = (
         "import sys, torch\n"
         "from qwen_finetune.run_metrics import peak_rss_bytes\n"
         "from qwen_model.configuration_qwen import QWenConfig\n"
         "from qwen_model.tiny import write_random_weights\n"
-        "config = QWenConfig(vocab_size=151936, hidden_size=512, num_hidden_layers=4, num_attention_heads=4,"
-        " kv_channels=128, intermediate_size=2048)\n"
+        "config = QWenConfig(vocab_size=4096, hidden_size=1024, num_hidden_layers=12, num_attention_heads=8,"
+        " kv_channels=128, intermediate_size=4096)\n"
         "before = peak_rss_bytes()\n"
         "write_random_weights(config, __import__('pathlib').Path(sys.argv[1]), 0, torch.bfloat16, 40_000_000)\n"
         "print(peak_rss_bytes() - before)\n"
@@ -547,4 +549,4 @@ def test_streamed_writing_holds_about_one_shard_in_memory(tmp_path: Path) -> Non
     growth = int(completed.stdout.strip().splitlines()[-1])
     total = json.loads((tmp_path / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert total > 250e6
-    assert growth < 0.5 * total
+    assert growth < 3 * 40_000_000  # measured: 46 MB
