@@ -44,6 +44,7 @@ QUIET_LOGGERS = (
     "transformers",
     "huggingface_hub",
     "matplotlib",
+    "tokenicer",  # gptqmodel's tokenizer checks ("Auto fixed pad_token_id")
 )
 # gptqmodel logs through LogBar, which sets its own level when created and bypasses logging filters.
 SILENCED_LOGGERS = ("logbar",)

@@ -34,6 +34,7 @@ NOISE_PATTERNS = [
     ("torch extension builds", r"Emitting ninja build file|Loading extension module|torch_extensions"),
     ("torchrun's thread banner", r"Setting OMP_NUM_THREADS environment variable|^\*{20,}$"),
     ("transformers' logger", r"^\[transformers\]"),
+    ("a library logger in logging's default format", r"^(DEBUG|INFO|WARNING|ERROR):[\w.]+:"),
 ]
 
 
