@@ -77,3 +77,9 @@ def tiny_base_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qwen_model.tiny import build_tiny_checkpoint
 
     return Path(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-base"), size="tiny", base=True))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_chat_checkpoint: Path, tiny_base_checkpoint: Path) -> dict[str, Path]:
+    """The tiny chat and base checkpoints by the names the training tests parametrize over."""
+    return {"chat": tiny_chat_checkpoint, "base": tiny_base_checkpoint}

@@ -97,11 +97,6 @@ def data_file(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_chat_checkpoint: Path, tiny_base_checkpoint: Path) -> dict[str, Path]:
-    return {"chat": tiny_chat_checkpoint, "base": tiny_base_checkpoint}
-
-
-@pytest.fixture(scope="module")
 def batch(tiny_chat_checkpoint: Path, data_file: Path, workdir: Path):
     return helpers.encoded_batch(tiny_chat_checkpoint, data_file, workdir / "data-cache")
 

@@ -35,11 +35,6 @@ def data_file(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_chat_checkpoint: Path, tiny_base_checkpoint: Path) -> dict[str, Path]:
-    return {"chat": tiny_chat_checkpoint, "base": tiny_base_checkpoint}
-
-
-@pytest.fixture(scope="module")
 def tiny_gptq_checkpoint(
     tiny_chat_checkpoint: Path, data_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
