@@ -23,7 +23,11 @@ from qwen_finetune.memory_plan import (
     plan_run,
     plan_setup,
 )
-from qwen_finetune.memory_plan.activations import block_bytes_per_token, estimate_activations
+from qwen_finetune.memory_plan.activations import (
+    block_bytes_per_token,
+    estimate_activations,
+    heap_retention_bytes,
+)
 from qwen_finetune.memory_plan.memory import (
     NF4_BYTES_PER_WEIGHT,
     base_weight_bytes,
@@ -282,6 +286,40 @@ def test_gradient_checkpointing_keeps_a_fraction_of_the_activations() -> None:
     checkpoints = config.num_hidden_layers * 2048 * 2 * config.hidden_size
     assert activations.with_checkpointing >= checkpoints
     assert activations.with_checkpointing < activations.without_checkpointing / 10
+
+
+def test_heap_retention_with_checkpointing_is_one_block_of_heap_sized_tensors_per_layer() -> None:
+    """On CPU a checkpointed run leaves, per layer, the holes of the block tensors glibc keeps in its
+    heap (below 32 MiB); the MLP outputs and the fused qkv of the 1.8B shape at 2048 are mapped."""
+    config = tiny_config("qwen-1.8b")
+    layers, h, m = config.num_hidden_layers, config.hidden_size, config.intermediate_size // 2
+
+    def setup(length: int, checkpointing: bool = True, device: str = "cpu") -> TrainingSetup:
+        return setup_for(
+            config,
+            method="lora",
+            adapter=LORA,
+            max_length=length,
+            gradient_checkpointing=checkpointing,
+            device_kind=device,
+        )
+
+    short = setup(128)
+    assert heap_retention_bytes(short, estimate_activations(short)) == layers * 128 * block_bytes_per_token(
+        short
+    )
+    long = setup(2048)
+    # w1, w2, silu(w2) and mlp.c_proj's dropout noise and output (m wide), the qkv output (3h wide)
+    mapped = 5 * 4 * m + 3 * 4 * h
+    expected = layers * 2048 * (block_bytes_per_token(long) - mapped)
+    assert heap_retention_bytes(long, estimate_activations(long)) == expected
+    plain = setup(2048, checkpointing=False)
+    assert (
+        heap_retention_bytes(plain, estimate_activations(plain))
+        == estimate_activations(plain).without_checkpointing
+    )
+    gpu = setup(2048, device="cuda")
+    assert heap_retention_bytes(gpu, estimate_activations(gpu)) == 0
 
 
 # --------------------------------------------------------------------------------- every option

@@ -18,11 +18,13 @@ Components (bytes per device):
                        of a trained lm_head also holds that layer's gradient from the forward pass on
     deepspeed buffers  ZeRO-2's gradient buckets (two with overlap_comm), ZeRO-3's bucket and the
                        parameters gathered for the layers being computed
-    heap retention     CPU only: glibc's heap keeps the freed activations of the previous step (tensors
-                       below its 32 MB mmap threshold live in the heap), and the next step's tensors fill
-                       those holes only in part; measured at 0.6 to 1.2 times the activations, counted as
-                       once (with MALLOC_MMAP_THRESHOLD_=65536 it disappears and the plan without it is
-                       within 5%)
+    heap retention     CPU only: glibc's heap keeps freed tensors below its 32 MB mmap threshold resident,
+                       and later tensors fill those holes only in part. Without checkpointing: the
+                       previous step's activations (measured at 0.6 to 1.2 times the activations,
+                       counted as once); with it, one block's heap-sized tensors per layer
+                       (activations.heap_retention_bytes). With MALLOC_MMAP_THRESHOLD_=65536 it
+                       disappears and the plan without it is within 5%, at a cost of 10 to 20% of the
+                       tokens/s (measured).
     runtime            CPU: the training process itself (Python, torch, transformers, PEFT, tokenizer,
                        data), measured; CUDA: the context and kernels
 
@@ -45,6 +47,7 @@ from .activations import (
     estimate_activations,
     fused_loss_applies,
     fused_weight_gradient_bytes,
+    heap_retention_bytes,
     loss_buffer_bytes,
     trained_weight_bytes,
 )
@@ -326,7 +329,7 @@ def estimate_memory(setup: TrainingSetup) -> MemoryEstimate:
     loss = loss_buffer_bytes(setup)
     fused_gradient = fused_weight_gradient_bytes(setup)
     buffers = deepspeed_buffer_bytes(setup)
-    retention = activation_bytes if setup.device_kind == "cpu" else 0
+    retention = heap_retention_bytes(setup, activations)
     runtime = runtime_bytes(setup)
     reference = reference_model_bytes(setup)
     weights += reference
@@ -352,7 +355,7 @@ def estimate_memory(setup: TrainingSetup) -> MemoryEstimate:
         ),
         Component("loss", "loss buffers", loss + fused_gradient, _loss_note(setup, fused_gradient)),
         Component("deepspeed", "deepspeed buffers", buffers, _buffers_note(setup)),
-        Component("retention", "heap retention", retention, "freed activations of the previous step (glibc)"),
+        Component("retention", "heap retention", retention, "freed tensors glibc keeps resident"),
         Component("runtime", "runtime", runtime, _runtime_note(setup)),
     ]
     components = [part for part in components if part.bytes or part.key in ("weights", "activations")]
