@@ -242,8 +242,8 @@ def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_
         str(SEED),
         "--use_cpu",
     ]
-    if config.batching == "padded":
-        flags += ["--pad_to_max_length"]
+    if config.batching == "padded":  # the original recipe: every row padded, its AdamW loop
+        flags += ["--pad_to_max_length", "--optim", "adamw_torch"]
     elif config.batching == "grouped":
         flags += ["--train_sampling_strategy", "group_by_length"]
     elif config.batching in ("packed", "packed_pairs"):

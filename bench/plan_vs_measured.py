@@ -38,9 +38,13 @@ from typing import Any
 import torch
 from memory import run_child
 
-from qwen_finetune.args import parse_args
-from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run
-from qwen_model.tiny import tiny_config, tiny_generation_config
+from qwen_finetune.console import quiet_third_party
+
+quiet_third_party()  # as finetune.py does, before peft (imported by the toolkit) loads bitsandbytes
+
+from qwen_finetune.args import parse_args  # noqa: E402
+from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run  # noqa: E402
+from qwen_model.tiny import tiny_config, tiny_generation_config  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent

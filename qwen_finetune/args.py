@@ -167,7 +167,10 @@ class TrainingArguments(transformers.TrainingArguments):
     cache_dir: str | None = field(
         default=None, metadata={"help": "Accepted for compatibility; unused (local only)."}
     )
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (without DeepSpeed)."})
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata={"help": "Optimizer (without DeepSpeed); the fused AdamW updates each tensor in one pass."},
+    )
     model_max_length: int = field(
         default=8192,
         metadata={"help": "Tokens per sample (per packed row with --packing); longer samples are truncated."},

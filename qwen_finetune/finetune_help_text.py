@@ -64,7 +64,7 @@ HELP = (
     "  --sample_max_new_tokens N         Longest sample answer, in tokens (an answer cut there is marked as cut). [128]\n"
     "\n"
     "training: the toolkit's flags, and original flags that transformers 5 renamed:\n"
-    "  --optim TEXT                      Optimizer (without DeepSpeed). [adamw_torch]\n"
+    "  --optim TEXT                      Optimizer (without DeepSpeed); the fused AdamW updates each tensor in one… [adamw_torch_fused]\n"
     "  --cache_dir TEXT                  Accepted for compatibility; unused (local only).\n"
     "  --model_max_length N              Tokens per sample (per packed row with --packing); longer samples are truncated. [8192]\n"
     "  --max_shard_size TEXT             Largest safetensors shard written for full-model checkpoints. [2GB]\n"

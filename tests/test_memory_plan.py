@@ -32,6 +32,7 @@ from qwen_finetune.memory_plan.memory import (
     NF4_BYTES_PER_WEIGHT,
     base_weight_bytes,
     estimate_memory,
+    optimizer_step_bytes,
     trainable_parameters,
 )
 from qwen_model.configuration_qwen import QWenConfig
@@ -320,6 +321,42 @@ def test_heap_retention_with_checkpointing_is_one_block_of_heap_sized_tensors_pe
     )
     gpu = setup(2048, device="cuda")
     assert heap_retention_bytes(gpu, estimate_activations(gpu)) == 0
+
+
+_OPTIMIZER_STEP_SCRIPT = """
+import sys, tempfile, torch
+from transformers import Trainer, TrainingArguments
+from qwen_finetune.run_metrics import peak_rss_bytes
+args = TrainingArguments(output_dir=tempfile.mkdtemp(), optim=sys.argv[1], use_cpu=True, report_to="none")
+optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+parameter = torch.nn.Parameter(torch.randn(int(sys.argv[2])))
+parameter.grad = torch.randn_like(parameter)
+optimizer = optimizer_class([parameter], **kwargs)
+optimizer.step()  # the moments exist from here on
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from the current RSS
+before = peak_rss_bytes()
+optimizer.step()
+print(peak_rss_bytes() - before)
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_torch_fused"])
+def test_optimizer_step_temporaries_are_what_the_trainers_adamw_allocates(optimizer: str) -> None:
+    """The plan's step temporaries against a step of the optimizer transformers builds for --optim, on a
+    64 MiB parameter: the loop keeps the square root and the quotient (two copies), the fused one none."""
+    import subprocess
+
+    setup = setup_for(small_config(vocab=2**18), method="full", optimizer=optimizer)
+    elements = setup.shape.embedding_parameters
+    completed = subprocess.run(
+        [sys.executable, "-c", _OPTIMIZER_STEP_SCRIPT, optimizer, str(elements)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    measured = int(completed.stdout.strip().splitlines()[-1])
+    assert measured == pytest.approx(optimizer_step_bytes(setup), abs=8 * 2**20)  # measured: 128 MiB / 0
 
 
 # --------------------------------------------------------------------------------- every option

@@ -261,7 +261,7 @@ def test_original_flags_are_accepted_and_mapped():
         "none",
     )
     assert lora_args.lora_target_modules == ["c_attn", "c_proj", "w1", "w2"]
-    assert training_args.optim == "adamw_torch" and model_args.train_embeddings == "auto"
+    assert training_args.optim == "adamw_torch_fused" and model_args.train_embeddings == "auto"
 
 
 def test_new_flag_names_override_the_old_ones():

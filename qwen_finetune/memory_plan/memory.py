@@ -224,7 +224,7 @@ def optimizer_step_bytes(setup: TrainingSetup) -> int:
     CPU, where the toolkit runs DeepSpeed with torch's AdamW, that optimizer's denominator over it; on
     CUDA its fused Adam needs none); torch's AdamW on CUDA (foreach) one denominator per parameter at
     once, on CPU (one tensor at a time, its square root and the quotient alive together) two of the
-    largest parameter's."""
+    largest parameter's; the fused AdamW (the default) none: it updates each tensor in place."""
     trainable = trainable_parameters(setup)
     if setup.zero is not None:
         if setup.zero.offload_optimizer:
@@ -232,7 +232,7 @@ def optimizer_step_bytes(setup: TrainingSetup) -> int:
         share = setup.world_size if setup.zero_stage >= 1 else 1
         copies = 2 if setup.device_kind == "cpu" else 1
         return copies * FLOAT32 * trainable // share
-    if _optimizer_family(setup.optimizer) not in ("adamw", "adagrad"):
+    if _optimizer_family(setup.optimizer) not in ("adamw", "adagrad") or "fused" in setup.optimizer:
         return 0
     element = trainable_element_bytes(setup)
     if setup.device_kind == "cuda":

@@ -124,7 +124,7 @@ class TrainingSetup:
     processes_per_node: int = 1
     device_kind: DeviceKind = "cpu"
     loss: LossKind = "chunked"
-    optimizer: str = "adamw_torch"
+    optimizer: str = "adamw_torch_fused"
     preference: PreferenceSetup | None = None
 
     def __post_init__(self) -> None:
