@@ -29,9 +29,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_finetune.args import parse_args
-from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run, plan_setup
-from qwen_model.tiny import tiny_config, tiny_generation_config
+from qwen_finetune.console import quiet_third_party
+
+quiet_third_party()  # as finetune.py does, before peft (imported by the toolkit) loads bitsandbytes
+
+from qwen_finetune.args import parse_args  # noqa: E402
+from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run, plan_setup  # noqa: E402
+from qwen_model.tiny import tiny_config, tiny_generation_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = REPO_ROOT / "finetune"
@@ -195,6 +199,8 @@ def recipe_flags(profile: Profile, checkpoint: Path, length: int, output: Path) 
         "--gradient_accumulation_steps",
         "8",
         "--gradient_checkpointing",
+        "--optim",
+        "adamw_torch",  # the original's optimizer (this toolkit's default is the fused one)
     ]
     world = profile.gpus * profile.nodes
     if profile.kind == "qlora":

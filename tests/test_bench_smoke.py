@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import micro_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from qwen_model.configuration_qwen import QWenConfig
 from qwen_model.modeling_qwen import QWenLMHeadModel
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
@@ -24,16 +24,7 @@ LORA_RANK = 4
 
 
 def small_random_model() -> QWenLMHeadModel:
-    config = QWenConfig(
-        vocab_size=512,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        kv_channels=16,
-        intermediate_size=96,
-        seq_length=64,
-        max_position_embeddings=64,
-    )
+    config = micro_config(512)
     config._attn_implementation = "eager"  # plain matmuls, which torch's FLOP counter sees on CPU
     torch.manual_seed(0)
     return QWenLMHeadModel(config).train()

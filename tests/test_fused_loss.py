@@ -9,29 +9,20 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import micro_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import qwen_model.chunked_loss as chunked_loss
-from qwen_model import QWenConfig, QWenLMHeadModel
+from qwen_model import QWenLMHeadModel
 
 VOCAB = 384
 TARGETS = ["c_attn", "c_proj", "w1", "w2"]
 
 
 def random_model(seed: int = 0) -> QWenLMHeadModel:
-    config = QWenConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        kv_channels=16,
-        intermediate_size=96,
-        seq_length=64,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(seed)
-    model = QWenLMHeadModel(config)
+    model = QWenLMHeadModel(micro_config(VOCAB))
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 2:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_helpers import micro_config
 
 from qwen_finetune.args import parse_args
 from qwen_finetune.memory_plan import (
@@ -54,16 +55,7 @@ def meta_parameter_count(config: QWenConfig) -> int:
 
 
 def small_config(layers: int = 2, vocab: int = 1000) -> QWenConfig:
-    return QWenConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        kv_channels=16,
-        intermediate_size=256,
-        seq_length=512,
-        max_position_embeddings=512,
-    )
+    return micro_config(vocab, hidden=64, intermediate=256, layers=layers, positions=512)
 
 
 def setup_for(config: QWenConfig, **fields: Any) -> TrainingSetup:

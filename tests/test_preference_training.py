@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from model_helpers import micro_config
 
 from qwen_finetune.preference import (
     PREFERENCE_LOSSES,
@@ -27,20 +28,10 @@ STEPS = 15
 
 @pytest.fixture(scope="module")
 def reference():
-    from qwen_model import QWenConfig, QWenLMHeadModel
+    from qwen_model import QWenLMHeadModel
 
     torch.manual_seed(0)
-    config = QWenConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        kv_channels=16,
-        intermediate_size=256,
-        seq_length=128,
-        max_position_embeddings=128,
-    )
-    return QWenLMHeadModel(config).eval()
+    return QWenLMHeadModel(micro_config(VOCAB, hidden=64, intermediate=256, positions=128)).eval()
 
 
 @pytest.fixture(scope="module")
