@@ -350,6 +350,11 @@ def release_process_group(finished: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
+def launched_world_size() -> int:
+    """Processes in this run as the launcher (torchrun, deepspeed) set it; 1 when started directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def exit_skipping_teardown(code: int) -> None:
     """End a process of a multi-process run once its work is done and its exit handlers have run.
 
@@ -384,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         release_process_group(finished)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         exit_skipping_teardown(0)
     return 0
 
@@ -396,7 +401,7 @@ def memory_plan(arguments: RunArguments, mode: TrainingMode, reference: Referenc
         arguments.data,
         arguments.training,
         arguments.lora,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        world_size=launched_world_size(),
         mode=mode,
         preference=None if reference is None else PreferenceSetup(reference),
     )
