@@ -168,6 +168,9 @@ def planned_peak_bytes(config: BenchConfig, model_dir: Path, work: Path) -> int:
     this CPU, over the phases after loading: while weights load, the plan also counts the checkpoint's
     mapped pages, which are file-backed (the kernel drops them under memory pressure), so they do not
     decide whether a run fits."""
+    from qwen_finetune.console import quiet_third_party
+
+    quiet_third_party()  # the toolkit's imports load bitsandbytes, which prints on CPU machines
     from qwen_finetune.args import parse_args
     from qwen_finetune.memory_plan import device_by_name, plan_run
 
