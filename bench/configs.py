@@ -53,6 +53,8 @@ DPO_BETA = 0.1
 TRAINERS = ("toolkit", "trl")
 TRAINER_LABELS = {"toolkit": "toolkit", "trl": "TRL SFTTrainer"}
 SMALL_MODEL = "small"
+# The original recipe's optimizer (a per-tensor AdamW loop); the toolkit defaults to the fused one.
+ORIGINAL_OPTIMIZER = "adamw_torch"
 # Released architectures with random weights (`python -m qwen_model.tiny --size ...`), run for a few
 # micro-batches each: (model, mode, model_max_length).
 REAL_SHAPE_RUNS = (
@@ -243,7 +245,7 @@ def finetune_flags(config: BenchConfig, model_dir: Path, gptq_dir: Path, output_
         "--use_cpu",
     ]
     if config.batching == "padded":  # the original recipe: every row padded, its AdamW loop
-        flags += ["--pad_to_max_length", "--optim", "adamw_torch"]
+        flags += ["--pad_to_max_length", "--optim", ORIGINAL_OPTIMIZER]
     elif config.batching == "grouped":
         flags += ["--train_sampling_strategy", "group_by_length"]
     elif config.batching in ("packed", "packed_pairs"):

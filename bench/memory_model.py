@@ -29,9 +29,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from configs import ORIGINAL_OPTIMIZER
+
 from qwen_finetune.console import quiet_third_party
 
-quiet_third_party()  # as finetune.py does, before peft (imported by the toolkit) loads bitsandbytes
+quiet_third_party()  # as finetune.py does: TrainingArguments imports peft, which loads bitsandbytes
 
 from qwen_finetune.args import parse_args  # noqa: E402
 from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run, plan_setup  # noqa: E402
@@ -200,7 +202,7 @@ def recipe_flags(profile: Profile, checkpoint: Path, length: int, output: Path) 
         "8",
         "--gradient_checkpointing",
         "--optim",
-        "adamw_torch",  # the original's optimizer (this toolkit's default is the fused one)
+        ORIGINAL_OPTIMIZER,
     ]
     world = profile.gpus * profile.nodes
     if profile.kind == "qlora":

@@ -40,7 +40,7 @@ from memory import run_child
 
 from qwen_finetune.console import quiet_third_party
 
-quiet_third_party()  # as finetune.py does, before peft (imported by the toolkit) loads bitsandbytes
+quiet_third_party()  # as finetune.py does: TrainingArguments imports peft, which loads bitsandbytes
 
 from qwen_finetune.args import parse_args  # noqa: E402
 from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run  # noqa: E402
