@@ -9,7 +9,8 @@ flags (`parse_run_arguments`), `choose_training_mode`, `load_tokenizer`, `make_s
 micro-batch holds (real, supervised and padded tokens, sample lengths), and timestamps at the start of
 every micro-batch and the end of every optimizer step. Nothing is saved. The baseline (batching
 "padded") computes its loss as the original Qwen modeling did (`original_recipe_loss`): full float32
-logits for every position, a contiguous shifted copy of them, and cross entropy over all of it.
+logits for every position, a contiguous shifted copy of them, and cross entropy over all of it, and
+keeps PEFT's own LoRA dropout (`restore_peft_dropout`).
 
 Prints one result line (see memory.emit_result); the parent reads this process's peak RSS itself.
 """
@@ -32,6 +33,7 @@ from memory import emit_result
 from transformers import set_seed
 
 from qwen_finetune.args import parse_run_arguments
+from qwen_finetune.lora_dropout import SampledDropout
 from qwen_finetune.model_loading import load_model, load_tokenizer
 from qwen_finetune.run_metrics import count_parameters
 from qwen_finetune.train import QwenTrainer
@@ -100,6 +102,8 @@ def main() -> None:
     data = make_data(arguments.data, tokenizer, training_args, pairs=config.stage == "dpo")
     set_seed(training_args.seed)  # as qwen_finetune.train.train: new adapter weights are random
     model = load_model(mode, lora_args, training_args)
+    if config.is_baseline:
+        restore_peft_dropout(model)
     rss_after_load = psutil.Process().memory_info().rss
     common = {
         "model": model,
@@ -142,6 +146,17 @@ def main() -> None:
             **measure(trainer, timer),
         }
     )
+
+
+def restore_peft_dropout(model: torch.nn.Module) -> None:
+    """The original recipe runs PEFT's own `nn.Dropout` in front of each adapter (bernoulli_ masks kept
+    as float tensors), not the toolkit's CPU dropout that load_model puts there."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for adapter, dropout in dropouts.items():
+                if isinstance(dropout, SampledDropout):
+                    dropouts[adapter] = torch.nn.Dropout(dropout.p)
 
 
 def preference_trainer(arguments: Any, mode: Any, common: dict[str, Any]) -> Any:

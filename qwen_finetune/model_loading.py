@@ -12,6 +12,7 @@ import torch
 import qwen_model  # noqa: F401  (registers the Qwen classes with transformers' Auto factories)
 from qwen_finetune.args import LoraArguments, TrainingArguments
 from qwen_finetune.errors import ArgumentError
+from qwen_finetune.lora_dropout import use_sampled_lora_dropout
 from qwen_finetune.quant_backends import BACKENDS
 from qwen_finetune.tokenizer_protocol import QwenTokenizerLike
 from qwen_finetune.training_mode import EMBEDDING_MODULES, TrainingMode
@@ -58,6 +59,10 @@ def load_model(
         # The Trainer turns on activation checkpointing itself (--gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = _attach_adapter(model, mode, lora_args)
+    if training_args.device.type == "cpu":
+        replaced = use_sampled_lora_dropout(model)
+        if replaced:
+            logger.info("LoRA dropout: numpy SFC64 masks in front of %d adapters", replaced)
     if backend is not None:
         backend.prepare_for_training(model)
     return model

@@ -13,8 +13,9 @@ and h, d, m the hidden, attention and MLP widths:
                          trains; masked rows keep contiguous q/k/v/out copies (4*e*d)
     MLP                  w1 and w2 outputs and silu(w2) (3*e*m), plus the product when c_proj trains
     trained linears      their inputs: c_attn and w1/w2 share one (e*h each), c_proj's is counted above
-    LoRA, per target     the dropout noise (CPU: a float tensor; CUDA: a byte mask) and its output, the
-                         input of A, in the adapter's dtype, and A's output (r values); without dropout
+    LoRA, per target     the dropout's byte mask (qwen_finetune/lora_dropout.py on the CPU, PyTorch's
+                         fused dropout on CUDA) and its output, the input of A, in the adapter's dtype,
+                         and A's output (r values); without dropout
                          only A's input (shared with the frozen layer when the dtypes match)
 
 With gradient checkpointing each block keeps only its input (e*h per token); during backward one
@@ -31,6 +32,7 @@ from .run_setup import PRECISION_BYTES, TrainingSetup
 from .shapes import lora_targets
 
 FLOAT32 = 4
+MASK_BYTES = 1  # a dropout's boolean keep-mask
 INDEX_BYTES = 8  # int64 token ids and row indices
 # glibc raises its mmap threshold up to this as mapped blocks are freed; smaller tensors live in the heap.
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
@@ -104,9 +106,8 @@ def _adapter_tensors_per_token(setup: TrainingSetup) -> list[int]:
     wrapped = lora_targets(setup.shape, setup.adapter.targets)
     tensors: list[int] = []
     if setup.lora_dropout > 0:
-        noise = a if setup.device_kind == "cpu" else 1
         for linear in wrapped.values():
-            tensors += [noise * linear.inputs, a * linear.inputs]
+            tensors += [MASK_BYTES * linear.inputs, a * linear.inputs]
     elif a != e:
         tensors += [a * linear.inputs for linear in wrapped.values()]
     else:  # A keeps the frozen layer's own input: w1 and w2 share theirs, and attn.c_proj's is the
@@ -124,8 +125,7 @@ def _first_block_saving_per_token(setup: TrainingSetup) -> int:
     saving = FLOAT32 * setup.shape.hidden + FLOAT32
     wrapped = lora_targets(setup.shape, setup.adapter.targets) if setup.adapter is not None else {}
     if "attn.c_attn" in wrapped and setup.lora_dropout > 0:
-        noise = adapter_bytes(setup) if setup.device_kind == "cpu" else 1
-        saving += noise * setup.shape.hidden
+        saving += MASK_BYTES * setup.shape.hidden
     return saving
 
 
