@@ -33,7 +33,7 @@ from memory import emit_result
 from transformers import set_seed
 
 from qwen_finetune.args import parse_run_arguments
-from qwen_finetune.lora_dropout import SampledDropout
+from qwen_finetune.lora_dropout import SampledDropout, lora_dropout_slots
 from qwen_finetune.model_loading import load_model, load_tokenizer
 from qwen_finetune.run_metrics import count_parameters
 from qwen_finetune.train import QwenTrainer
@@ -151,12 +151,9 @@ def main() -> None:
 def restore_peft_dropout(model: torch.nn.Module) -> None:
     """The original recipe runs PEFT's own `nn.Dropout` in front of each adapter (bernoulli_ masks kept
     as float tensors), not the toolkit's CPU dropout that load_model puts there."""
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for adapter, dropout in dropouts.items():
-                if isinstance(dropout, SampledDropout):
-                    dropouts[adapter] = torch.nn.Dropout(dropout.p)
+    for dropouts, adapter, dropout in lora_dropout_slots(model):
+        if isinstance(dropout, SampledDropout):
+            dropouts[adapter] = torch.nn.Dropout(dropout.p)
 
 
 def preference_trainer(arguments: Any, mode: Any, common: dict[str, Any]) -> Any:

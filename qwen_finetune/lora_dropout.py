@@ -11,15 +11,13 @@ reproduce it. GPUs keep PyTorch's fused dropout, which is already fast and keeps
 
 from __future__ import annotations
 
-import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 _UNIFORM_LEVELS = 2**32  # a draw is a uint32: p is resolved to 2**-32
 
@@ -68,19 +66,24 @@ class SampledDropout(nn.Module):
         return f"p={self.p}, masks=numpy SFC64"
 
 
-def use_sampled_lora_dropout(model: nn.Module) -> int:
-    """Put SampledDropout in place of the `nn.Dropout` in front of each LoRA adapter; returns how many.
+def lora_dropout_slots(model: nn.Module) -> Iterator[tuple[nn.ModuleDict, str, nn.Module]]:
+    """(ModuleDict, adapter name, module) for each dropout in front of a LoRA adapter.
 
     PEFT keeps these in each LoRA layer's `lora_dropout` ModuleDict (one entry per adapter name), and
-    uses `nn.Identity` there when the dropout is 0.
+    uses `nn.Identity` there when the dropout is 0. Entries may be replaced while iterating.
     """
-    replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, nn.ModuleDict):
-            continue
-        for adapter, dropout in dropouts.items():
-            if type(dropout) is nn.Dropout and dropout.p > 0:
-                dropouts[adapter] = SampledDropout(dropout.p)
-                replaced += 1
+        if isinstance(dropouts, nn.ModuleDict):
+            for adapter, dropout in list(dropouts.items()):
+                yield dropouts, adapter, dropout
+
+
+def use_sampled_lora_dropout(model: nn.Module) -> int:
+    """Put SampledDropout in place of the `nn.Dropout` in front of each LoRA adapter; returns how many."""
+    replaced = 0
+    for dropouts, adapter, dropout in lora_dropout_slots(model):
+        if type(dropout) is nn.Dropout and dropout.p > 0:
+            dropouts[adapter] = SampledDropout(dropout.p)
+            replaced += 1
     return replaced
