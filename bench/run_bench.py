@@ -47,8 +47,6 @@ from memory import run_child
 from plot import plot
 from report import add_ratios, derive, evaluate_targets, markdown
 
-from qwen_finetune.host_memory import HOST_MEMORY_ENVIRONMENT
-
 BENCH_DIR = Path(__file__).resolve().parent
 GPTQ_GROUP_SIZE = 32  # divides every quantized input width of the small model (320 and 864)
 GIB = 2**30
@@ -199,16 +197,6 @@ def fitting_variant(
     return None, planned
 
 
-def child_environment(config: BenchConfig) -> dict[str, str]:
-    """What a configuration's child adds to this environment. The toolkit's rows run with the allocator
-    settings finetune.py applies (qwen_finetune.host_memory); the original recipe and TRL with PyTorch's
-    default 4 KB pages, whatever this shell has."""
-    toolkit_row = config.trainer != "trl" and not config.is_baseline
-    env = {"GPTQMODEL_CPU_WORKERS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    env.update({name: value if toolkit_row else "0" for name, value in HOST_MEMORY_ENVIRONMENT.items()})
-    return env
-
-
 def run_config(
     config: BenchConfig, model_dir: Path, gptq_dir: Path | None, out: Path, profile: Path | None = None
 ) -> dict[str, Any] | None:
@@ -228,7 +216,7 @@ def run_config(
     if profile is not None:
         args += ["--profile", str(profile)]
     suffix = "-profile" if profile is not None else ""
-    env = child_environment(config)
+    env = {"GPTQMODEL_CPU_WORKERS": "2", "TOKENIZERS_PARALLELISM": "false"}
     loadavg = os.getloadavg()
     run = run_child(args, out / "logs" / f"{config.name}{suffix}.log", env)
     shutil.rmtree(work, ignore_errors=True)

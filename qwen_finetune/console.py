@@ -17,8 +17,6 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
-from qwen_finetune.host_memory import use_huge_pages
-
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "QWEN_FINETUNE_VERBOSE"
 VERBOSE_HELP = f"Show third-party output too (library warnings, banners); also {VERBOSE_ENV}=1."
@@ -117,11 +115,9 @@ class _ErrorsOnly(logging.Filter):
 
 
 def run_command(module: str, argv: Sequence[str] | None = None) -> int:
-    """Configure the console and the allocator's environment, then import `module` (and with it torch)
-    and return its `main(argv)`: the thin entry points."""
+    """Configure the console, then import `module` and return its `main(argv)`: the thin entry points."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     configure_console(arguments)
-    use_huge_pages()
     command = importlib.import_module(module)
     return int(command.main(arguments))
 

@@ -307,15 +307,3 @@ def test_peaks_are_the_childs_own_when_a_large_process_starts_it(tmp_path: Path)
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
     assert figures["exit"] == 0
     assert figures["measured"] < 1024 * 2**20 and figures["own"] < 1024 * 2**20, figures
-
-
-def test_only_the_toolkits_rows_run_with_its_allocator_settings() -> None:
-    from configs import default_matrix
-    from run_bench import child_environment
-
-    configs = default_matrix(["lora"], [512], steps=2, baseline_steps=1, baseline=True, peers=True)
-    pages = {
-        (config.trainer, config.is_baseline): child_environment(config)["THP_MEM_ALLOC_ENABLE"]
-        for config in configs
-    }
-    assert pages == {("toolkit", False): "1", ("toolkit", True): "0", ("trl", False): "0"}
