@@ -95,6 +95,41 @@ def test_blocked_softmax_gives_the_cross_entropy_and_its_gradients(
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_logits_buffer_is_kept_between_calls_and_leaks_nothing_into_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call after a longer one reuses its buffer (same storage, its stale logits overwritten) and still
+    gives the full-logits loss and gradients; another vocabulary replaces the buffer."""
+    monkeypatch.setattr(chunked_loss, "LOSS_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(chunked_loss, "_scratch_by_device", {})
+    generator = torch.Generator().manual_seed(0)
+
+    def fused_against_full(rows: int, vocab: int) -> None:
+        features = torch.randn(rows, 16, generator=generator, requires_grad=True)
+        weight = torch.randn(vocab, 16, generator=generator).requires_grad_(True)
+        targets = torch.randint(0, vocab, (rows,), generator=generator)
+        fused = chunked_loss._LinearCrossEntropySum.apply(features, weight, targets)
+        reference = F.cross_entropy(features @ weight.t(), targets, reduction="sum")
+        assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+        for got, expected in zip(
+            torch.autograd.grad(fused, (features, weight)), torch.autograd.grad(reference, (features, weight))
+        ):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    def kept() -> torch.Tensor:
+        return chunked_loss._scratch_by_device[torch.device("cpu")]
+
+    fused_against_full(21, VOCAB)
+    first = kept()
+    assert first.shape == (8, VOCAB)
+    fused_against_full(5, VOCAB)
+    assert kept().data_ptr() == first.data_ptr()
+    fused_against_full(3, VOCAB // 2)
+    assert kept().shape == (3, VOCAB // 2)
+    fused_against_full(6, VOCAB // 2)  # more rows than kept: the buffer grows
+    assert kept().shape == (6, VOCAB // 2)
+
+
 def test_trainable_embeddings_under_lora_take_the_fused_path(fused_calls: list[int]) -> None:
     """PEFT wraps the trainable lm_head (modules_to_save): the fused loss resolves the copy being trained."""
     model = get_peft_model(

@@ -202,8 +202,9 @@ def output_layer_bytes(setup: TrainingSetup) -> int:
 def loss_buffer_bytes(setup: TrainingSetup) -> int:
     """The loss's transient buffers while it runs (forward, or the recomputation in backward).
 
-    Fused: one float32 [chunk x vocab] buffer reused by every chunk; a half-precision lm_head adds the
-    chunk's matmul output before it is copied in and the gradient cast back (chunk x vocab each).
+    Fused: one float32 [chunk x vocab] buffer reused by every chunk and kept between steps
+    (kept_loss_buffer_bytes); a half-precision lm_head adds the chunk's matmul output before it is
+    copied in and the gradient cast back (chunk x vocab each).
     """
     vocab = setup.shape.vocab
     if setup.loss == "full_logits":
@@ -216,6 +217,14 @@ def loss_buffer_bytes(setup: TrainingSetup) -> int:
         return CHECKPOINTED_LOSS_BUFFERS * chunk * FLOAT32
     weight = output_layer_bytes(setup)
     return chunk * FLOAT32 + (0 if weight == FLOAT32 else 2 * chunk * weight)
+
+
+def kept_loss_buffer_bytes(setup: TrainingSetup) -> int:
+    """The part of the loss's buffers that outlives the step: the fused loss's float32 chunk of logits
+    (chunked_loss.logits_scratch), resident from the first forward pass on, in every phase."""
+    if not fused_loss_applies(setup):
+        return 0
+    return loss_chunk_tokens(setup) * setup.shape.vocab * FLOAT32
 
 
 def fused_weight_gradient_bytes(setup: TrainingSetup) -> int:

@@ -14,8 +14,9 @@ Components (bytes per device):
     optimizer states   AdamW's two moments in the parameter's dtype; under DeepSpeed a float32 master
                        copy and float32 moments of this process's partition (nothing when offloaded)
     activations        what backward needs (activations.py), with or without gradient checkpointing
-    loss buffers       the loss's float32 chunk of logits (activations.loss_buffer_bytes); the fused loss
-                       of a trained lm_head also holds that layer's gradient from the forward pass on
+    loss buffers       the loss's float32 chunk of logits (activations.loss_buffer_bytes), which the
+                       fused loss keeps between steps (resident in every phase); the fused loss of a
+                       trained lm_head also holds that layer's gradient from the forward pass on
     deepspeed buffers  ZeRO-2's gradient buckets (two with overlap_comm), ZeRO-3's bucket and the
                        parameters gathered for the layers being computed
     heap retention     CPU only: glibc's heap keeps freed tensors below its 32 MB mmap threshold resident,
@@ -48,6 +49,7 @@ from .activations import (
     fused_loss_applies,
     fused_weight_gradient_bytes,
     heap_retention_bytes,
+    kept_loss_buffer_bytes,
     loss_buffer_bytes,
     trained_weight_bytes,
 )
@@ -363,7 +365,8 @@ def estimate_memory(setup: TrainingSetup) -> MemoryEstimate:
     # Gradients that exist while a micro-batch runs forward: those accumulated by the previous ones
     # (HF sets them to None after each optimizer step), or ZeRO-2/3's partition buffers.
     kept_gradients = gradients if setup.accumulation > 1 or setup.zero_stage >= 2 else 0
-    resident = runtime + weights + autocast + states + buffers + retention
+    kept_loss = kept_loss_buffer_bytes(setup)
+    resident = runtime + weights + autocast + states + buffers + retention + kept_loss
     # Backward starts with every activation alive and the output layer's gradient formed first (the
     # fused loss hands out a scaled copy of the one it holds; the checkpointed loss recomputes its
     # chunks); it ends with every gradient formed and the activations released.
@@ -372,7 +375,7 @@ def estimate_memory(setup: TrainingSetup) -> MemoryEstimate:
     backward_start = kept_gradients + activation_bytes + fused_gradient + output_gradient + recomputed_loss
     phases = {
         "loading": runtime + weights + loading_transient_bytes(setup),
-        "forward": resident + kept_gradients + activation_bytes + loss + fused_gradient,
+        "forward": resident + kept_gradients + activation_bytes + loss - kept_loss + fused_gradient,
         "backward": resident + max(backward_start, gradients),
         "optimizer step": resident - autocast + gradients + optimizer_step_bytes(setup),
     }
