@@ -74,25 +74,27 @@ def _softmax_minus_one_hot_(logits: torch.Tensor, targets: torch.Tensor) -> torc
 _scratch_by_device: dict[torch.device, torch.Tensor] = {}
 
 
-def logits_scratch(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+def _logits_scratch(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
     """A float32 [rows x vocab] buffer that lives between calls, one per device.
 
     Every training step needs the same 156 MB chunk of logits; allocated afresh, each step faults its
     pages in again (on a CPU, 4 KB at a time), which costs about as much as a fifth of the chunk's
-    projection. The buffer grows to the most rows asked for and is replaced when the vocabulary changes.
-    Callers must be done with it before the next call: it is scratch, never saved for backward.
+    projection. The buffer is replaced by a larger one when more rows are asked for, or when the
+    vocabulary changes.
     """
     kept = _scratch_by_device.pop(device, None)
     if kept is None or kept.shape[1] != vocab or kept.shape[0] < rows:
-        size = max(rows, kept.shape[0]) if kept is not None and kept.shape[1] == vocab else rows
         del kept  # the old buffer is released before the new one is taken
-        kept = torch.empty((size, vocab), dtype=torch.float32, device=device)
+        kept = torch.empty((rows, vocab), dtype=torch.float32, device=device)
     _scratch_by_device[device] = kept
     return kept[:rows]
 
 
-def project_into(logits: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Write `features @ weight.T` into the float32 `logits`; a float32 weight multiplies straight into it."""
+def project_into_scratch(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`features @ weight.T` as float32 logits, written into the buffer kept between calls; a float32
+    weight multiplies straight into it. Callers must be done with the result before the next call: it is
+    scratch, never saved for backward."""
+    logits = _logits_scratch(features.shape[0], weight.shape[0], weight.device)
     if weight.dtype == torch.float32:
         return torch.mm(features, weight.t(), out=logits)
     return logits.copy_(features @ weight.t())
@@ -103,7 +105,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     during the forward pass, chunk by chunk.
 
     Per chunk of LOSS_CHUNK_TOKENS rows the logits are formed once, into one float32 buffer reused by
-    every chunk and every call (`logits_scratch`); softmax minus the
+    every chunk and every call (`project_into_scratch`); softmax minus the
     one-hot target is their gradient, which gives the chunk's feature gradient and adds to the weight's.
     Backward only scales what was stored by the incoming gradient. Compared with checkpointing each
     chunk this skips the recomputed projection and the separate log-softmax backward. Gradients are
@@ -117,13 +119,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         feature_grad = torch.empty_like(features) if ctx.needs_input_grad[0] else None
         weight_grad = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         total = features.new_zeros((), dtype=torch.float32)
-        logits_buffer = logits_scratch(
-            min(max(targets.numel(), 1), LOSS_CHUNK_TOKENS), weight.shape[0], weight.device
-        )
         for part in chunks(targets.numel(), LOSS_CHUNK_TOKENS):
             chunk, chunk_targets = features[part], targets[part]
-            logits = logits_buffer[: chunk.shape[0]]
-            project_into(logits, chunk, weight)
+            logits = project_into_scratch(chunk, weight)
             total += _softmax_minus_one_hot_(logits, chunk_targets)
             logits_grad = logits.to(weight.dtype)
             if feature_grad is not None:

@@ -216,12 +216,12 @@ def loss_buffer_bytes(setup: TrainingSetup) -> int:
     if not fused_loss_applies(setup):
         return CHECKPOINTED_LOSS_BUFFERS * chunk * FLOAT32
     weight = output_layer_bytes(setup)
-    return chunk * FLOAT32 + (0 if weight == FLOAT32 else 2 * chunk * weight)
+    return kept_loss_buffer_bytes(setup) + (0 if weight == FLOAT32 else 2 * chunk * weight)
 
 
 def kept_loss_buffer_bytes(setup: TrainingSetup) -> int:
     """The part of the loss's buffers that outlives the step: the fused loss's float32 chunk of logits
-    (chunked_loss.logits_scratch), resident from the first forward pass on, in every phase."""
+    (chunked_loss.project_into_scratch), resident from the first forward pass on, in every phase."""
     if not fused_loss_applies(setup):
         return 0
     return loss_chunk_tokens(setup) * setup.shape.vocab * FLOAT32

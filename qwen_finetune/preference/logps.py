@@ -3,8 +3,8 @@
 Only positions that predict a scored token are projected through the lm_head, in chunks of
 LOSS_CHUNK_TOKENS, so a [tokens x 151,936] logits tensor never exists, in the forward pass or in
 backward. A plain lm_head goes through `_LinearTokenLogps`, whose backward recomputes each chunk's
-logits and forms their gradient in place (in chunked_loss.logits_scratch, the buffer the supervised loss
-keeps between steps); any other head (LoRA-wrapped, hooked, ZeRO-3-partitioned:
+logits and forms their gradient in place (in the buffer chunked_loss.project_into_scratch keeps between
+steps for the supervised loss too); any other head (LoRA-wrapped, hooked, ZeRO-3-partitioned:
 see chunked_loss.fusable_weight) is called as a module with each chunk checkpointed. The
 log-probabilities are summed per sequence of the batch (`sequence_index`, see collate.py), which
 serves padded rows and packed rows alike.
@@ -24,8 +24,7 @@ from qwen_model.chunked_loss import (
     LOSS_CHUNK_TOKENS,
     chunks,
     fusable_weight,
-    logits_scratch,
-    project_into,
+    project_into_scratch,
     shift_targets,
 )
 
@@ -58,10 +57,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         log_normalisers = torch.empty_like(logps)
         with _autocast_off(features):
             for part in chunks(targets.numel(), LOSS_CHUNK_TOKENS):
-                chunk = features[part].to(weight.dtype)
-                logits = project_into(
-                    logits_scratch(chunk.shape[0], weight.shape[0], weight.device), chunk, weight
-                )
+                logits = project_into_scratch(features[part].to(weight.dtype), weight)
                 log_normalisers[part] = torch.logsumexp(logits, dim=-1)
                 logps[part] = logits.gather(1, targets[part, None]).squeeze(1) - log_normalisers[part]
         ctx.save_for_backward(features, weight, targets, log_normalisers)
@@ -75,9 +71,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         with _autocast_off(features):
             for part in chunks(targets.numel(), LOSS_CHUNK_TOKENS):
                 chunk, grad = features[part].to(weight.dtype), grad_logps[part].float()
-                logits_grad = project_into(
-                    logits_scratch(chunk.shape[0], weight.shape[0], weight.device), chunk, weight
-                )
+                logits_grad = project_into_scratch(chunk, weight)
                 logits_grad.sub_(log_normalisers[part, None]).exp_()  # softmax
                 logits_grad.mul_(-grad[:, None])
                 logits_grad[torch.arange(len(grad), device=grad.device), targets[part]] += grad
