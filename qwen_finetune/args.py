@@ -357,6 +357,7 @@ def build_parser() -> FinetuneParser:
     return FinetuneParser(
         [DataClassType(item) for item in dataclass_types],
         prog="finetune.py",
+        allow_abbrev=False,  # a flag is its full name: qwen_finetune.unused_backends reads them before parsing
         description="Fine-tune a Qwen (v1) model on conversations or preference pairs (--stage dpo): full, LoRA, LoRA + embeddings, Q-LoRA (GPTQ or NF4). "
         "Reference: docs/training.md.",
     )

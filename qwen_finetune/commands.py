@@ -9,13 +9,17 @@ from __future__ import annotations
 import sys
 
 from qwen_finetune.console import run_command
+from qwen_finetune.unused_backends import hide_unused_backends
 
 
 def finetune() -> int:
     from qwen_finetune.cli_help import print_finetune_help, wants_help
 
     # --help is answered from stored text, without importing torch or transformers (fast).
-    return print_finetune_help() if wants_help(sys.argv[1:]) else run_command("qwen_finetune.train")
+    if wants_help(sys.argv[1:]):
+        return print_finetune_help()
+    hide_unused_backends(sys.argv[1:])
+    return run_command("qwen_finetune.train")
 
 
 def merge_lora() -> int:

@@ -91,9 +91,9 @@ def quiet_third_party() -> None:
         logger.addFilter(only_errors)  # survives libraries that reset their logger's level (DeepSpeed)
     for name in SILENCED_LOGGERS:
         logging.getLogger(name).disabled = True
-    # LogBar (gptqmodel's logger; peft imports gptqmodel whenever it is installed) prints an empty line
-    # when it is first imported: import it now, with stdout dropped.
-    if importlib.util.find_spec("logbar") is not None:
+    # LogBar (gptqmodel's logger) prints an empty line when it is first imported: where gptqmodel may be
+    # imported (installed, and not hidden by unused_backends), import LogBar now, with stdout dropped.
+    if importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("logbar") is not None:
         with quiet_prints():
             importlib.import_module("logbar")
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the backends import nothing heavy: unused_backends reads them before torch loads
+    import torch
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .base import QuantBackend
+
+if TYPE_CHECKING:
+    import torch
 
 
 def load_kwargs(compute_dtype: torch.dtype) -> dict[str, Any]:
