@@ -17,6 +17,8 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
+from qwen_finetune.early_flags import last_flag_values
+
 VERBOSE_FLAG = "--verbose"
 VERBOSE_ENV = "QWEN_FINETUNE_VERBOSE"
 VERBOSE_HELP = f"Show third-party output too (library warnings, banners); also {VERBOSE_ENV}=1."
@@ -55,14 +57,11 @@ _OWN_MODULES = r"(qwen_finetune|qwen_model)(\.|$)"
 
 def verbose_requested(argv: Sequence[str]) -> bool:
     """--verbose [BOOL] on the command line (the last one wins), else the environment variable."""
-    verbose = is_verbose()
-    for index, item in enumerate(argv):
-        if item == VERBOSE_FLAG:
-            following = argv[index + 1] if index + 1 < len(argv) else ""
-            verbose = following.lower() not in _FALSE_WORDS
-        elif item.startswith(VERBOSE_FLAG + "="):
-            verbose = item.split("=", 1)[1].lower() not in _FALSE_WORDS
-    return verbose
+    name = VERBOSE_FLAG.removeprefix("--")
+    value = last_flag_values(argv, [name]).get(name)
+    if value is None:
+        return is_verbose()
+    return str(value).lower() not in _FALSE_WORDS  # a bare --verbose reads 'true'
 
 
 def is_verbose() -> bool:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from qwen_finetune.early_flags import last_flag_values
 from qwen_finetune.errors import ToolkitError
 from qwen_finetune.quant_backends import BACKENDS
 from qwen_finetune.recipe_file import read_config, split_config_flags
@@ -27,6 +28,9 @@ AUTO_BACKEND = "gptq"
 # rmsprop_bnb, ademamix, ...); a name with any of these parts keeps the package importable.
 BITSANDBYTES_OPTIMIZER_PARTS = ("bnb", "8bit", "32bit", "paged", "lion", "ademamix")
 _TRUE_WORDS = ("true", "yes", "t", "y", "1")
+ALL_BACKEND_PACKAGES = frozenset(
+    package for backend in BACKENDS.values() for package in backend.required_packages
+)
 
 
 def hide_unused_backends(argv: Sequence[str]) -> list[str]:
@@ -39,10 +43,9 @@ def hide_unused_backends(argv: Sequence[str]) -> list[str]:
         used = packages_in_use(deciding_flag_values(argv))
     except ToolkitError:
         return []
-    candidates = sorted({package for backend in BACKENDS.values() for package in backend.required_packages})
     hidden = [
         package
-        for package in candidates
+        for package in sorted(ALL_BACKEND_PACKAGES)
         if package not in used
         and package not in sys.modules
         and importlib.util.find_spec(package) is not None
@@ -59,7 +62,7 @@ def packages_in_use(flags: Mapping[str, object]) -> set[str]:
         requested = str(flags.get("q_lora_backend", "auto"))
         backend = BACKENDS.get(AUTO_BACKEND if requested == "auto" else requested)
         if backend is None:  # a value the parser will refuse: hide nothing
-            return {package for item in BACKENDS.values() for package in item.required_packages}
+            return set(ALL_BACKEND_PACKAGES)
         used.update(backend.required_packages)
     optimizer = str(flags.get("optim", "")).lower()
     if any(part in optimizer for part in BITSANDBYTES_OPTIMIZER_PARTS):
@@ -75,25 +78,7 @@ def deciding_flag_values(argv: Sequence[str]) -> dict[str, object]:
         for key, (value, _source) in read_config(Path(name)).items():
             if key in DECIDING_FLAGS:
                 values[key] = value
-    values.update(_command_line_values(command_line))
-    return values
-
-
-def _command_line_values(argv: Sequence[str]) -> dict[str, object]:
-    values: dict[str, object] = {}
-    for index, item in enumerate(argv):
-        if not item.startswith("--"):
-            continue
-        name, separator, value = item[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in DECIDING_FLAGS:
-            continue
-        if separator:
-            values[name] = value
-        elif index + 1 < len(argv) and not argv[index + 1].startswith("-"):
-            values[name] = argv[index + 1]
-        else:
-            values[name] = True  # a bare boolean flag
+    values.update(last_flag_values(command_line, DECIDING_FLAGS))
     return values
 
 
