@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from memory import run_child
+from portable_paths import repository_relative
 
 from qwen_finetune.console import quiet_third_party
 
@@ -97,13 +98,6 @@ def ensure_model(size: str, models: Path, logs: Path, plan_only: bool) -> Path:
         if run.exit_code != 0:
             raise SystemExit(f"building {size} failed; see {run.log_path}")
     return directory
-
-
-def repository_relative(value: str) -> str:
-    """Paths of this machine as the results file records them: relative to the repository."""
-    if value.startswith(str(REPO_ROOT.parent)):
-        return os.path.relpath(value, REPO_ROOT)
-    return value
 
 
 def finetune_flags(model_dir: Path, mode: str, length: int, work: Path) -> list[str]:
@@ -169,7 +163,7 @@ def measure_row(
         "plan_bytes": plan.peak_bytes,
         "plan_phase": plan.memory.peak_phase,
         "plan": plan.to_json(),
-        "flags": [repository_relative(flag) for flag in flags],
+        "flags": flags,
     }
     if plan.peak_bytes > cli.max_gb * GB:
         row["skipped"] = f"planned {plan.peak_bytes / GB:.1f} GB > {cli.max_gb:g} GB"
@@ -260,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     meta["loadavg_end"] = [round(value, 2) for value in os.getloadavg()]
     meta["seconds"] = time.perf_counter() - started
     cli.out.mkdir(parents=True, exist_ok=True)
-    (cli.out / "plan_vs_measured.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (cli.out / "plan_vs_measured.json").write_text(
+        json.dumps(repository_relative({"meta": meta, "rows": rows}), indent=2) + "\n"
+    )
     (cli.out / "PLAN_VS_MEASURED.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     if cli.publish:

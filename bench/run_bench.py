@@ -45,6 +45,7 @@ from configs import (
 from flops import ModelShape, matmul_peak_flops
 from memory import run_child
 from plot import plot
+from portable_paths import repository_relative
 from report import add_ratios, derive, evaluate_targets, markdown
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         profile = out / f"profile-{config_name}.txt"
         run_config(profiled, model_dirs[profiled.model], gptq_dir, out, profile=profile)
     summary["wall_seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(repository_relative(summary), indent=1) + "\n")
     (out / "RESULTS.md").write_text(markdown(summary))
     if rows:
         plot(

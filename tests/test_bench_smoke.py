@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from flops import FUSED_LOSS, ORIGINAL_LOSS, TRL_CPU_LOSS, ModelShape, StepTokens, executed_flops  # noqa: E402
 from memory import RESULT_PREFIX  # noqa: E402
+from portable_paths import repository_relative  # noqa: E402
 
 LORA_RANK = 4
 
@@ -307,3 +309,36 @@ def test_peaks_are_the_childs_own_when_a_large_process_starts_it(tmp_path: Path)
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
     assert figures["exit"] == 0
     assert figures["measured"] < 1024 * 2**20 and figures["own"] < 1024 * 2**20, figures
+
+
+PUBLISHED_PATHS = [
+    ("/srv/ci/main", "."),
+    ("/srv/ci/main/bench/results/models/small", "bench/results/models/small"),
+    ("/srv/ci/shared/data/a.json,/srv/ci/shared/data/b.json", "../shared/data/a.json,../shared/data/b.json"),
+    (
+        "finetune.py --data=/srv/ci/shared/d.json --out bench/results/work/x",
+        "finetune.py --data=../shared/d.json --out bench/results/work/x",
+    ),
+    ("tok/s", "tok/s"),
+    ("/opt/other/file", "/opt/other/file"),
+]
+
+
+@pytest.mark.parametrize(("given", "published"), PUBLISHED_PATHS)
+def test_published_paths_are_relative_to_the_repository(given: str, published: str) -> None:
+    summary = {"runs": [{"flags": ["--seed", "1", given]}], "steps": 4}
+    expected = {"runs": [{"flags": ["--seed", "1", published]}], "steps": 4}
+    assert repository_relative(summary, root="/srv/ci/main") == expected
+
+
+@pytest.mark.parametrize("name", ["results.json", "plan_vs_measured.json"])
+def test_committed_results_name_no_absolute_path(name: str) -> None:
+    def strings(value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [text for item in value.values() for text in strings(item)]
+        if isinstance(value, list):
+            return [text for item in value for text in strings(item)]
+        return [value] if isinstance(value, str) else []
+
+    texts = strings(json.loads((BENCH_DIR / name).read_text()))
+    assert texts and not [text for text in texts if re.search(r"(^|[\s,=])/", text)]
