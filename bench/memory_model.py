@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs import ORIGINAL_OPTIMIZER
+from configs import ORIGINAL_OPTIMIZER, REPO_ROOT
 
 from qwen_finetune.console import quiet_third_party
 
@@ -39,7 +39,6 @@ from qwen_finetune.args import parse_args  # noqa: E402
 from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run, plan_setup  # noqa: E402
 from qwen_model.tiny import tiny_config, tiny_generation_config  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED = REPO_ROOT / "finetune"
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 A100 = device_by_name("cuda", "NVIDIA A100-SXM4-80GB", 80 * 10**9, "bf16")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from configs import ALPACA_FILE, REPO_ROOT
 from memory import run_child
 from portable_paths import repository_relative
 
@@ -48,8 +49,6 @@ from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run  # noqa:
 from qwen_model.tiny import tiny_config, tiny_generation_config  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "llamafactory_alpaca_en_demo.json"
 MODE_FLAGS = {
     "lora": ["--use_lora", "--train_embeddings", "no"],
     "full": [],
@@ -105,7 +104,7 @@ def finetune_flags(model_dir: Path, mode: str, length: int, work: Path) -> list[
         "--model_name_or_path",
         str(model_dir),
         "--data_path",
-        str(DATA_FILE),
+        str(ALPACA_FILE),
         "--model_max_length",
         str(length),
         "--packing",

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from configs import REPO_ROOT
+
 FIRST_STEP = b"step 1/"
 
 
