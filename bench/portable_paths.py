@@ -1,11 +1,12 @@
 """Published results travel with the repository, so the paths in them must not name this machine.
 
-Every absolute path under the repository is written relative to its root, and one in the shared
-folder beside the repository as `../...`; anything else is left as it is.
+Every absolute path under the folder that holds the repository (the checkout itself and the shared
+data beside it) is written relative to the repository's root; anything else is left as it is.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
 from configs import REPO_ROOT
@@ -21,8 +22,6 @@ def repository_relative(value: object, root: str = str(REPO_ROOT)) -> object:
     if isinstance(value, list):
         return [repository_relative(item, root) for item in value]
     if isinstance(value, str):
-        parent = root.rsplit("/", 1)[0]
-        text = re.sub(PATH_START + re.escape(root) + r"(?=$|[\s,])", ".", value)
-        text = re.sub(PATH_START + re.escape(root + "/"), "", text)
-        return re.sub(PATH_START + re.escape(parent + "/"), "../", text)
+        beside_root = PATH_START + re.escape(os.path.dirname(root)) + r"(?=$|[/\s,])[^\s,]*"
+        return re.sub(beside_root, lambda path: os.path.relpath(path[0], root), value)
     return value
