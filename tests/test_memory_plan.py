@@ -13,6 +13,7 @@ import torch
 from model_helpers import micro_config
 
 from qwen_finetune.args import parse_args
+from qwen_finetune.errors import ArgumentError
 from qwen_finetune.memory_plan import (
     AdapterShape,
     ModelShape,
@@ -36,6 +37,7 @@ from qwen_finetune.memory_plan.memory import (
     optimizer_step_bytes,
     trainable_parameters,
 )
+from qwen_finetune.memory_plan.step_time import flops_per_token
 from qwen_model.configuration_qwen import QWenConfig
 from qwen_model.modeling_qwen import QWenLMHeadModel
 from qwen_model.tiny import tiny_config, write_random_weights
@@ -282,6 +284,64 @@ def test_gradient_checkpointing_keeps_a_fraction_of_the_activations() -> None:
     checkpoints = config.num_hidden_layers * 2048 * 2 * config.hidden_size
     assert activations.with_checkpointing >= checkpoints
     assert activations.with_checkpointing < activations.without_checkpointing / 10
+
+
+def test_every_n_layers_leaves_the_planned_blocks_uncheckpointed() -> None:
+    """transformers' partial checkpointing (`every_n_layers`, as the Trainer passes it on): the blocks it
+    leaves out save everything a block saves without checkpointing, which the plan counts in place of
+    their checkpointed input; the FLOPs recomputed shrink by the same share."""
+    layers, tokens = 5, 128
+    input_ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    saved: dict[int, int] = {}
+    checkpointed: dict[int, int] = {}
+    for every in (1, 2):
+        model = training_model(layers, torch.float32, "lora", 0.05)
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every
+        )
+        checkpointed[every] = sum(
+            block.gradient_checkpointing for block in model.base_model.model.transformer.h
+        )
+        saved[every] = saved_for_backward_bytes(model, input_ids=input_ids, labels=input_ids)
+    setups = {
+        every: setup_for(
+            small_config(layers),
+            method="lora",
+            adapter=LORA,
+            max_length=tokens,
+            gradient_checkpointing=True,
+            checkpoint_every=every,
+        )
+        for every in (1, 2)
+    }
+    assert (
+        {every: setup.checkpointed_layers for every, setup in setups.items()} == checkpointed == {1: 5, 2: 3}
+    )
+    left_out = checkpointed[1] - checkpointed[2]
+    planned = {every: estimate_activations(setup).with_checkpointing for every, setup in setups.items()}
+    checkpoint_input = tokens * 4 * small_config(layers).hidden_size
+    assert planned[2] - planned[1] == left_out * (
+        tokens * block_bytes_per_token(setups[1]) - checkpoint_input
+    )
+    # The hooks also see the checkpointed blocks' inputs; what they miss with every block checkpointed
+    # are the rotary tables (float32 cos and sin), which the plan counts once in either case.
+    rotary_tables = tokens * 2 * 4 * setups[1].shape.rotary_dim
+    assert saved[2] - saved[1] == planned[2] - planned[1] + rotary_tables
+    model_flops, full_recompute = flops_per_token(setups[1])
+    _, partial_recompute = flops_per_token(setups[2])
+    assert partial_recompute - model_flops == pytest.approx((full_recompute - model_flops) * 3 / 5)
+
+
+def test_every_n_layers_must_be_a_positive_whole_number(tmp_path: Path) -> None:
+    for value in ("0", "-2", '"two"', "1.5"):
+        with pytest.raises(ArgumentError, match="every_n_layers"):
+            parse_args(
+                [
+                    *("--model_name_or_path", str(tmp_path), "--data_path", "d.json"),
+                    *("--output_dir", str(tmp_path / "out"), "--gradient_checkpointing"),
+                    *("--gradient_checkpointing_kwargs", f'{{"every_n_layers": {value}}}'),
+                ]
+            )
 
 
 def test_heap_retention_with_checkpointing_is_one_block_of_heap_sized_tensors_per_layer() -> None:

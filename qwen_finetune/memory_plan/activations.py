@@ -18,8 +18,10 @@ and h, d, m the hidden, attention and MLP widths:
                          and A's output (r values); without dropout
                          only A's input (shared with the frozen layer when the dtypes match)
 
-With gradient checkpointing each block keeps only its input (e*h per token); during backward one
-block is recomputed at a time, so one block's tensors come back on top.
+With gradient checkpointing each checkpointed block keeps only its input (e*h per token); during
+backward one block is recomputed at a time, so one block's tensors come back on top. With
+`every_n_layers` n (transformers' partial checkpointing) only blocks 0, n, 2n, ... are checkpointed and
+the others keep what they would keep without it.
 """
 
 from __future__ import annotations
@@ -150,14 +152,16 @@ def estimate_activations(setup: TrainingSetup) -> ActivationEstimate:
     first_layer_saving = 0 if input_needs_grad else positions * _first_block_saving_per_token(setup)
     model_level = positions * model_level_bytes_per_token(setup)
     without = layers * per_layer - first_layer_saving + model_level
-    checkpoints = layers * positions * setup.compute_bytes * setup.shape.hidden
+    checkpointed = setup.with_changes(gradient_checkpointing=True).checkpointed_layers
+    checkpoints = checkpointed * positions * setup.compute_bytes * setup.shape.hidden
+    kept_blocks = (layers - checkpointed) * per_layer
     recomputed_block = per_layer + 2 * positions * setup.compute_bytes * setup.shape.hidden  # + its grads
     return ActivationEstimate(
         per_layer=per_layer,
         first_layer_saving=first_layer_saving,
         model_level=model_level,
         without_checkpointing=without,
-        with_checkpointing=checkpoints + recomputed_block + model_level,
+        with_checkpointing=checkpoints + kept_blocks + recomputed_block + model_level,
     )
 
 
@@ -165,10 +169,11 @@ def heap_retention_bytes(setup: TrainingSetup, estimate: ActivationEstimate) -> 
     """CPU: what glibc's heap keeps resident after the tensors in it are freed (memory.py's docstring).
 
     Without checkpointing, the previous step's activations, counted once. With it, every block's
-    forward (and its recomputation in backward) frees the same tensors a block would save, and the
-    holes left by the ones below glibc's mmap threshold add up block after block: one block's worth per
-    layer (measured on the 1.8B shape at 2048 positions: 0.16 GB per layer for LoRA and 0.22 for NF4
-    Q-LoRA, against 0.22 counted). Tensors above the threshold are mapped and unmapped and leave none.
+    checkpointed block's forward (and its recomputation in backward) frees the same tensors a block
+    would save, and the holes left by the ones below glibc's mmap threshold add up block after block:
+    one block's worth per checkpointed layer (measured on the 1.8B shape at 2048 positions: 0.16 GB per
+    layer for LoRA and 0.22 for NF4 Q-LoRA, against 0.22 counted). Tensors above the threshold are
+    mapped and unmapped and leave none. Blocks left out by `every_n_layers` count as without it.
     """
     if setup.device_kind != "cpu":
         return 0
@@ -176,7 +181,9 @@ def heap_retention_bytes(setup: TrainingSetup, estimate: ActivationEstimate) -> 
         return estimate.without_checkpointing
     positions = setup.positions_per_micro_batch
     sizes = (positions * per_token for per_token in block_tensors_per_token(setup))
-    return setup.shape.layers * sum(size for size in sizes if size < GLIBC_MMAP_THRESHOLD_MAX)
+    heap_block = sum(size for size in sizes if size < GLIBC_MMAP_THRESHOLD_MAX)
+    checkpointed = setup.checkpointed_layers
+    return checkpointed * heap_block + (setup.shape.layers - checkpointed) * estimate.per_layer
 
 
 def loss_chunk_tokens(setup: TrainingSetup) -> int:

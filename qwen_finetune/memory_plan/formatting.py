@@ -39,7 +39,8 @@ def describe_setup(setup: TrainingSetup) -> str:
         f"{setup.micro_batch} x {setup.max_length}-token {rows} x {setup.accumulation} accumulation",
     ]
     if setup.gradient_checkpointing:
-        parts.append("gradient checkpointing")
+        every = f" (every {setup.checkpoint_every} blocks)" if setup.checkpoint_every > 1 else ""
+        parts.append(f"gradient checkpointing{every}")
     if setup.zero is not None:
         offload = " + offload" if setup.zero.offload_optimizer else ""
         parts.append(f"ZeRO-{setup.zero.stage}{offload}")

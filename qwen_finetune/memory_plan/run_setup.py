@@ -119,6 +119,7 @@ class TrainingSetup:
     packing: bool = False
     pad_to_max_length: bool = False
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1  # transformers' every_n_layers: blocks 0, n, 2n, ... are checkpointed
     zero: ZeroSetup | None = None
     world_size: int = 1
     processes_per_node: int = 1
@@ -132,6 +133,8 @@ class TrainingSetup:
             raise ValueError("an adapter shape is given exactly when the method is lora or qlora")
         if (self.method == "qlora") != (self.quantization is not None):
             raise ValueError("a quantization is given exactly when the method is qlora")
+        if self.checkpoint_every < 1:
+            raise ArgumentError(f"every_n_layers {self.checkpoint_every} must be >= 1")
         if self.world_size < 1 or self.processes_per_node < 1:
             raise ArgumentError(f"world size {self.world_size}: at least one process is needed")
         if self.zero is not None and self.zero.stage == 3 and self.quantization is not None:
@@ -141,6 +144,13 @@ class TrainingSetup:
     def embeddings_trained(self) -> bool:
         """wte and lm_head train: always in full fine-tuning, with LoRA when asked."""
         return self.method == "full" or self.train_embeddings
+
+    @property
+    def checkpointed_layers(self) -> int:
+        """How many blocks recompute their forward in backward (none without checkpointing)."""
+        if not self.gradient_checkpointing:
+            return 0
+        return -(-self.shape.layers // self.checkpoint_every)
 
     @property
     def compute_bytes(self) -> int:
@@ -234,6 +244,7 @@ def setup_from_mode(
         packing=data_args.packing,
         pad_to_max_length=data_args.pad_to_max_length,
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
+        checkpoint_every=training_args.checkpoint_every_n_layers,
         zero=ZeroSetup.from_config(deepspeed, shape.hidden) if deepspeed is not None else None,
         world_size=world_size,
         processes_per_node=_processes_per_node(world_size),

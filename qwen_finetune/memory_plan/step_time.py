@@ -10,7 +10,8 @@ the row length (bench/flops.py uses the same conventions on measured batches):
     attention           6 * layers * d * L per token (causal: half of the L^2 pairs, forward and
                         twice that backward)
     executed extra      gradient checkpointing runs each block's forward again (+2N + 2N_a + a third of
-                        the attention); a checkpointed loss (wrapped lm_head) projects twice (+2Vh)
+                        the attention; with every_n_layers, the checkpointed blocks' share of it);
+                        a checkpointed loss (wrapped lm_head) projects twice (+2Vh)
     preference stage    chosen and rejected rows both run; the reference log-probabilities cost a
                         forward pass (2N + 2Vh + a third of the attention) unless precomputed
 
@@ -59,7 +60,8 @@ def flops_per_token(setup: TrainingSetup) -> tuple[float, float]:
         model = 4 * blocks + 6 * adapters + output_factor * output + attention
     executed: float = model
     if setup.gradient_checkpointing:
-        executed += 2 * blocks + 2 * adapters + attention / 3
+        recomputed_share = setup.checkpointed_layers / shape.layers
+        executed += recomputed_share * (2 * blocks + 2 * adapters + attention / 3)
     if setup.loss == "chunked" and not fused_loss_applies(setup):
         executed += 2 * output
     if setup.preference is not None and setup.preference.reference not in ("precomputed", "none"):
