@@ -205,7 +205,7 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.fsdp_config is not None:
             self.fsdp_config = read_fsdp_config(self.fsdp_config)
         super().__post_init__()
-        self._check_checkpointing_every()
+        self.checkpoint_every_n_layers  # noqa: B018  # refuses a bad every_n_layers now
 
     def _map_removed_flags(self) -> None:
         """Old flags fill in the new ones; an explicitly set new flag wins (the recipes set
@@ -243,27 +243,19 @@ class TrainingArguments(transformers.TrainingArguments):
             logger.info("no GPU/accelerator found: training on CPU (use_cpu=True)")
             self.use_cpu = True
 
-    def _check_checkpointing_every(self) -> None:
-        """transformers reads `every_n_layers` only when training starts, and divides by it: a bad value
-        is refused here, before anything loads."""
-        value = self._every_n_layers()
+    @property
+    def checkpoint_every_n_layers(self) -> int:
+        """With activation checkpointing, transformers checkpoints blocks 0, n, 2n, ... and lets the
+        others keep their activations. It reads n only when training starts, and divides by it, so
+        __post_init__ reads it once to refuse a bad value before anything loads."""
+        kwargs = self.activation_checkpointing_kwargs
+        value = kwargs.get("every_n_layers", 1) if isinstance(kwargs, dict) else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ArgumentError(
                 f"--gradient_checkpointing_kwargs every_n_layers {value!r} must be a whole number >= 1 "
                 "(1 checkpoints every block, 2 every second one)"
             )
-
-    @property
-    def checkpoint_every_n_layers(self) -> int:
-        """With activation checkpointing, transformers checkpoints blocks 0, n, 2n, ... and lets the
-        others keep their activations."""
-        value = self._every_n_layers()
-        assert isinstance(value, int)  # checked in __post_init__
         return value
-
-    def _every_n_layers(self) -> object:
-        kwargs = self.activation_checkpointing_kwargs
-        return kwargs.get("every_n_layers", 1) if isinstance(kwargs, dict) else 1
 
     @property
     def deepspeed_config(self) -> dict[str, Any] | None:

@@ -319,7 +319,7 @@ def test_every_n_layers_leaves_the_planned_blocks_uncheckpointed() -> None:
     )
     left_out = checkpointed[1] - checkpointed[2]
     planned = {every: estimate_activations(setup).with_checkpointing for every, setup in setups.items()}
-    checkpoint_input = tokens * 4 * small_config(layers).hidden_size
+    checkpoint_input = tokens * 4 * setups[1].shape.hidden
     assert planned[2] - planned[1] == left_out * (
         tokens * block_bytes_per_token(setups[1]) - checkpoint_input
     )

@@ -152,7 +152,7 @@ def estimate_activations(setup: TrainingSetup) -> ActivationEstimate:
     first_layer_saving = 0 if input_needs_grad else positions * _first_block_saving_per_token(setup)
     model_level = positions * model_level_bytes_per_token(setup)
     without = layers * per_layer - first_layer_saving + model_level
-    checkpointed = setup.with_changes(gradient_checkpointing=True).checkpointed_layers
+    checkpointed = setup.checkpointed_layers
     checkpoints = checkpointed * positions * setup.compute_bytes * setup.shape.hidden
     kept_blocks = (layers - checkpointed) * per_layer
     recomputed_block = per_layer + 2 * positions * setup.compute_bytes * setup.shape.hidden  # + its grads

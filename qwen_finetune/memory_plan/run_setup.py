@@ -147,9 +147,7 @@ class TrainingSetup:
 
     @property
     def checkpointed_layers(self) -> int:
-        """How many blocks recompute their forward in backward (none without checkpointing)."""
-        if not self.gradient_checkpointing:
-            return 0
+        """How many blocks gradient checkpointing, when on, recomputes in backward: 0, n, 2n, ..."""
         return -(-self.shape.layers // self.checkpoint_every)
 
     @property
