@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DATA_FILES = (
     DATA_DIR / "llamafactory_alpaca_en_demo.json",

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from configs import ALPACA_FILE, REPO_ROOT
+from configs import ALPACA_FILE, BENCH_DIR, REPO_ROOT
 from memory import run_child
 from portable_paths import repository_relative
 
@@ -48,7 +48,6 @@ from qwen_finetune.args import parse_args  # noqa: E402
 from qwen_finetune.memory_plan import RunPlan, device_by_name, plan_run  # noqa: E402
 from qwen_model.tiny import tiny_config, tiny_generation_config  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
 MODE_FLAGS = {
     "lora": ["--use_lora", "--train_embeddings", "no"],
     "full": [],

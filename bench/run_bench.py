@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from configs import (
+    BENCH_DIR,
     DATA_FILES,
     MODES,
     REAL_SHAPE_MICRO_BATCHES,
@@ -48,7 +49,6 @@ from plot import plot
 from portable_paths import repository_relative
 from report import add_ratios, derive, evaluate_targets, markdown
 
-BENCH_DIR = Path(__file__).resolve().parent
 GPTQ_GROUP_SIZE = 32  # divides every quantized input width of the small model (320 and 864)
 GIB = 2**30
 

@@ -49,11 +49,22 @@ install_python_packages() {
     else
         log "no GPU: torch==2.13.0 CPU build (pinned so that no CUDA build is pulled)"
     fi
+    # llama-cpp-python (a test reference) compiles llama.cpp, the longest step of a fresh set-up (about
+    # 4 minutes on 2 cores): its wheel builds in the background while torch and DeepSpeed install.
+    local wheels="$VENV/built-wheels"
+    mkdir -p "$wheels"
+    log "building llama-cpp-python in the background (log: $wheels/build.log)"
+    "${pip[@]}" wheel -c constraints.txt --no-deps -w "$wheels" llama-cpp-python >"$wheels/build.log" 2>&1 &
+    local llama_build=$!
+    trap 'kill '"$llama_build"' 2>/dev/null' EXIT  # a failed install below stops the build too
     "${pip[@]}" install -c constraints.txt torch==2.13.0
     # DeepSpeed's sdist imports torch while building: build it against the torch just installed.
     "${pip[@]}" install -c constraints.txt --no-build-isolation deepspeed
+    wait "$llama_build" || { tail -n 40 "$wheels/build.log" >&2; die "building llama-cpp-python failed (above)"; }
+    trap - EXIT
     log "installing qwen-finetune with all extras (pinned by constraints.txt)"
-    "${pip[@]}" install -c constraints.txt -e ".[all]"
+    "${pip[@]}" install -c constraints.txt --find-links "$wheels" -e ".[all]"
+    rm -rf "$wheels"
     # gptqmodel declares torchao (used only for FP4 formats and Triton kernels) and maturin (a build tool);
     # neither is used here, and torchao prints "Failed to load ..." on every import without a GPU.
     "${pip[@]}" uninstall -y torchao maturin

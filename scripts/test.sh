@@ -19,9 +19,13 @@ echo "[test] ruff"
 echo "[test] mypy (qwen_model, qwen_finetune)"
 .venv/bin/mypy
 
-echo "[test] pytest"
+# Two pytest workers by default: a test keeps about one core busy on average (imports, data preparation,
+# small matmuls), so two of them fill a 2-core machine. Each test file stays on one worker, so the
+# module-scoped runs a file shares are trained once. QWEN_TEST_WORKERS=0 runs everything in this process.
+WORKERS="${QWEN_TEST_WORKERS:-2}"
+echo "[test] pytest ($WORKERS workers)"
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "$WORKERS" --dist loadfile "$@"
 status=$?
 set -e
 if [[ $status -eq 5 ]]; then

@@ -155,6 +155,27 @@ def test_pickle_and_deepcopy_rebuild_the_encoder(tokenizer: QWenTokenizer) -> No
         assert len(clone) == 151851
 
 
+def test_tokenizers_of_the_same_files_share_one_vocabulary(
+    tokenizer: QWenTokenizer, vocab_file: Path, tmp_path: Path
+) -> None:
+    """Building the vocabulary is most of a tokenizer's load; a copy of the file elsewhere (another
+    checkpoint) reuses it, a different file does not, and a tokenizer of other files still works."""
+    copied = tmp_path / "copy" / "qwen.tiktoken"
+    copied.parent.mkdir()
+    copied.write_bytes(vocab_file.read_bytes())
+    again = QWenTokenizer(copied)
+    assert again.vocabulary is QWenTokenizer(vocab_file).vocabulary
+    assert pickle.loads(pickle.dumps(again)).vocabulary is again.vocabulary
+    assert len(pickle.dumps(again.vocabulary)) < 2 * len(vocab_file.read_bytes())
+    extra = tmp_path / "extra.tiktoken"
+    extra.write_text(_tiktoken_line("你好世界", 151851))
+    extended = QWenTokenizer(vocab_file, extra_vocab_file=extra)
+    assert extended.vocabulary is not again.vocabulary
+    assert extended.encode_text("你好世界") == [151851]
+    assert again.encode_text("你好世界") == tokenizer.encode_text("你好世界") != [151851]
+    assert QWenTokenizer(copied).encode_text("你好世界") == tokenizer.encode_text("你好世界")
+
+
 def test_save_and_reload(tokenizer: QWenTokenizer, tmp_path: Path) -> None:
     tokenizer.save_pretrained(tmp_path)
     assert hashlib.sha256((tmp_path / "qwen.tiktoken").read_bytes()).hexdigest() == OFFICIAL_SHA256
