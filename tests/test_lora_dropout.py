@@ -41,9 +41,12 @@ def test_forward_and_gradient_are_dropout_with_the_drawn_mask() -> None:
     torch.manual_seed(7)
     out = dropout(x)
     torch.testing.assert_close(out, torch.where(mask, x / (1 - p), 0.0), rtol=1e-6, atol=0)
+    scale = 1.0 / (1.0 - p)
+    assert torch.equal(out, torch.where(mask, x * scale, 0.0))  # bit for bit: x * scale or 0
     out.backward(upstream)
     assert x.grad is not None
     torch.testing.assert_close(x.grad, torch.where(mask, upstream / (1 - p), 0.0), rtol=1e-6, atol=0)
+    assert torch.equal(x.grad, torch.where(mask, upstream * scale, 0.0))
     assert torch.equal(out == 0, ~mask | (x == 0))
 
 
