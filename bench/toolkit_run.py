@@ -17,6 +17,7 @@ from memory import emit_result
 from transformers import set_seed
 
 from qwen_finetune.args import parse_run_arguments
+from qwen_finetune.host_memory import keep_freed_memory
 from qwen_finetune.lora_dropout import SampledDropout, lora_dropout_slots
 from qwen_finetune.model_loading import load_model, load_tokenizer
 from qwen_finetune.run_metrics import count_parameters
@@ -75,6 +76,8 @@ def train(config: BenchConfig, flags: list[str], profile: Path | None) -> None:
     tokenizer = load_tokenizer(mode.checkpoint.path, training_args.model_max_length)
     data = make_data(arguments.data, tokenizer, training_args, pairs=config.stage == "dpo")
     set_seed(training_args.seed)  # as qwen_finetune.train.train: new adapter weights are random
+    if training_args.keeps_freed_memory and not config.is_baseline:  # the original recipe had no such setting
+        keep_freed_memory()
     model = load_model(mode, lora_args, training_args)
     if config.is_baseline:
         restore_peft_dropout(model)

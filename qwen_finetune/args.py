@@ -28,6 +28,7 @@ from qwen_finetune.console import VERBOSE_HELP
 from qwen_finetune.data.args import DataArguments
 from qwen_finetune.errors import ArgumentError, ToolkitError
 from qwen_finetune.fsdp import read_fsdp_config
+from qwen_finetune.host_memory import keeps_freed_memory
 from qwen_finetune.preference.args import PreferenceArguments
 from qwen_finetune.recipe_file import CONFIG_FLAG, config_arguments, split_config_flags
 from qwen_finetune.sample_answers.args import SampleArguments
@@ -189,6 +190,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "Old flag: warmup fraction [0, 1) of the steps; an explicit --warmup_steps wins."},
     )
+    keep_freed_memory: Literal["auto", "yes", "no"] = field(
+        default="auto",
+        metadata={
+            "help": "CPU runs (auto): glibc reuses freed tensors' memory, no page faults (docs/training.md)."
+        },
+    )
     no_cuda: bool = field(default=False, metadata={"help": "Old name of --use_cpu."})
     logging_dir: str | None = field(
         default=None,
@@ -206,6 +213,7 @@ class TrainingArguments(transformers.TrainingArguments):
             self.fsdp_config = read_fsdp_config(self.fsdp_config)
         super().__post_init__()
         self.checkpoint_every_n_layers  # noqa: B018  # refuses a bad every_n_layers now
+        self.keeps_freed_memory  # noqa: B018  # refuses "yes" where glibc is missing, before loading
 
     def _map_removed_flags(self) -> None:
         """Old flags fill in the new ones; an explicitly set new flag wins (the recipes set
@@ -256,6 +264,10 @@ class TrainingArguments(transformers.TrainingArguments):
                 "(1 checkpoints every block, 2 every second one)"
             )
         return value
+
+    @property
+    def keeps_freed_memory(self) -> bool:
+        return keeps_freed_memory(self.keep_freed_memory, trains_on_cpu=self.use_cpu)
 
     @property
     def deepspeed_config(self) -> dict[str, Any] | None:

@@ -71,6 +71,7 @@ HELP = (
     "  --overwrite_output_dir            Allow writing into a non-empty --output_dir (nothing in it is deleted).\n"
     "  --evaluation_strategy {no,steps,epoch} Old name of --eval_strategy; an explicit --eval_strategy wins.\n"
     "  --warmup_ratio X                  Old flag: warmup fraction [0, 1) of the steps; an explicit --warmup_steps wins.\n"
+    "  --keep_freed_memory {auto,yes,no} CPU runs (auto): glibc reuses freed tensors' memory, no page faults (docs/training.md). [auto]\n"
     "  --no_cuda                         Old name of --use_cpu.\n"
     "  --logging_dir TEXT                TensorBoard directory (sets $TENSORBOARD_LOGGING_DIR); default OUTPUT_DIR/runs/DATE_HOST.\n"
     "\n"

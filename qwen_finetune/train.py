@@ -29,6 +29,7 @@ from qwen_finetune.data import DataError, PreparedData, make_supervised_data, ru
 from qwen_finetune.data.collate import ROW_LENGTHS
 from qwen_finetune.errors import ArgumentError, ToolkitError
 from qwen_finetune.fsdp import activate_fsdp_on_cpu, check_fsdp_request
+from qwen_finetune.host_memory import keep_freed_memory
 from qwen_finetune.json_files import write_json
 from qwen_finetune.memory_plan import PreferenceSetup, RunPlan, plan_run
 from qwen_finetune.model_dir import (
@@ -260,6 +261,8 @@ def train(arguments: RunArguments, callbacks: Sequence[TrainerCallback] = ()) ->
     )
     report = ReportCallback()  # checks its dependencies before any weight is loaded
     set_seed(training_args.seed)  # new adapter weights are random: same seed, same run
+    if training_args.keeps_freed_memory:
+        keep_freed_memory()
     model = load_model(mode, lora_args, training_args)
     fill_special_token_ids(model, tokenizer)
     initial_adapter = None

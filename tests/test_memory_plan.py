@@ -350,7 +350,9 @@ def test_heap_retention_with_checkpointing_is_one_block_of_heap_sized_tensors_pe
     config = tiny_config("qwen-1.8b")
     layers, h, m = config.num_hidden_layers, config.hidden_size, config.intermediate_size // 2
 
-    def setup(length: int, checkpointing: bool = True, device: str = "cpu") -> TrainingSetup:
+    def setup(
+        length: int, checkpointing: bool = True, device: str = "cpu", keep: bool = False
+    ) -> TrainingSetup:
         return setup_for(
             config,
             method="lora",
@@ -358,6 +360,7 @@ def test_heap_retention_with_checkpointing_is_one_block_of_heap_sized_tensors_pe
             max_length=length,
             gradient_checkpointing=checkpointing,
             device_kind=device,
+            keeps_freed_memory=keep,
         )
 
     short = setup(128)
@@ -370,6 +373,18 @@ def test_heap_retention_with_checkpointing_is_one_block_of_heap_sized_tensors_pe
     mapped = 4 * 4 * m + 3 * 4 * h
     expected = layers * 2048 * (block_bytes_per_token(long) - mapped)
     assert heap_retention_bytes(long, estimate_activations(long)) == expected
+    # glibc keeping freed memory serves the mapped ones from the heap too: one block of them in use, and
+    # per layer a hole the size of the largest (the qkv output)
+    kept = setup(2048, keep=True)
+    largest = 3 * 4 * h
+    assert heap_retention_bytes(kept, estimate_activations(kept)) == expected + 2048 * (
+        mapped + layers * largest
+    )
+    # nothing is mapped at 128 positions: keeping changes nothing there
+    short_kept = setup(128, keep=True)
+    assert heap_retention_bytes(short_kept, estimate_activations(short_kept)) == heap_retention_bytes(
+        short, estimate_activations(short)
+    )
     plain = setup(2048, checkpointing=False)
     assert (
         heap_retention_bytes(plain, estimate_activations(plain))
@@ -548,6 +563,22 @@ def test_each_single_change_that_fits_is_listed() -> None:
     assert any("--gradient_checkpointing" in s.flags for s in suggestions)
     assert all(s.peak_bytes <= limit for s in suggestions)
     assert fits(plan, plan.peak_bytes) == []  # it fits: nothing to change
+
+
+def test_a_cpu_run_that_keeps_freed_memory_is_offered_to_give_it_back() -> None:
+    setup = setup_for(
+        tiny_config("qwen-1.8b"),
+        method="lora",
+        adapter=LORA,
+        max_length=2048,
+        gradient_checkpointing=True,
+        keeps_freed_memory=True,
+    )
+    plan = plan_setup(setup, CPU)
+    suggestions = fits(plan, plan.peak_bytes - 1)
+    change = next(s for s in suggestions if s.flags == ("--keep_freed_memory", "no"))
+    assert not change.setup.keeps_freed_memory
+    assert change.peak_bytes < plan.peak_bytes
 
 
 # ------------------------------------------------------------------------------------------ time

@@ -23,9 +23,10 @@ Components (bytes per device):
                        and later tensors fill those holes only in part. Without checkpointing: the
                        previous step's activations (measured at 0.6 to 1.2 times the activations,
                        counted as once); with it, one block's heap-sized tensors per layer
-                       (activations.heap_retention_bytes). With MALLOC_MMAP_THRESHOLD_=65536 it
-                       disappears and the plan without it is within 5%, at a cost of 10 to 20% of the
-                       tokens/s (measured).
+                       (activations.heap_retention_bytes), and with --keep_freed_memory (the CPU
+                       default) the larger tensors of a block and a hole per layer on top. With
+                       MALLOC_MMAP_THRESHOLD_=65536 and --keep_freed_memory no it disappears and the
+                       plan without it is within 5%, at a cost of 10 to 20% of the tokens/s (measured).
     runtime            CPU: the training process itself (Python, torch, transformers, PEFT, tokenizer,
                        data), measured; CUDA: the context and kernels
 

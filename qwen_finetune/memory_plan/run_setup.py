@@ -124,6 +124,7 @@ class TrainingSetup:
     world_size: int = 1
     processes_per_node: int = 1
     device_kind: DeviceKind = "cpu"
+    keeps_freed_memory: bool = False  # --keep_freed_memory: glibc serves every tensor from its heap
     loss: LossKind = "chunked"
     optimizer: str = "adamw_torch_fused"
     preference: PreferenceSetup | None = None
@@ -247,6 +248,7 @@ def setup_from_mode(
         world_size=world_size,
         processes_per_node=_processes_per_node(world_size),
         device_kind=device_kind,
+        keeps_freed_memory=training_args.keeps_freed_memory,
         optimizer=str(getattr(training_args.optim, "value", training_args.optim)),
         preference=preference,
     )

@@ -41,6 +41,12 @@ def _candidate_changes(setup: TrainingSetup) -> Iterator[Change]:
             ("--gradient_checkpointing",),
             setup.with_changes(gradient_checkpointing=True),
         )
+    if setup.keeps_freed_memory and setup.device_kind == "cpu":
+        yield (
+            "let glibc unmap freed tensors again (slower: their pages are faulted in anew)",
+            ("--keep_freed_memory", "no"),
+            setup.with_changes(keeps_freed_memory=False),
+        )
     if setup.world_size > 1 and setup.zero_stage != 3 and setup.quantization is None:
         zero = setup.zero or ZeroSetup(stage=3)
         yield (
