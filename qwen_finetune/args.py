@@ -28,7 +28,7 @@ from qwen_finetune.console import VERBOSE_HELP
 from qwen_finetune.data.args import DataArguments
 from qwen_finetune.errors import ArgumentError, ToolkitError
 from qwen_finetune.fsdp import read_fsdp_config
-from qwen_finetune.host_memory import keeps_freed_memory
+from qwen_finetune.host_memory import KeepFreedMemory, keeps_freed_memory
 from qwen_finetune.preference.args import PreferenceArguments
 from qwen_finetune.recipe_file import CONFIG_FLAG, config_arguments, split_config_flags
 from qwen_finetune.sample_answers.args import SampleArguments
@@ -190,7 +190,7 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "Old flag: warmup fraction [0, 1) of the steps; an explicit --warmup_steps wins."},
     )
-    keep_freed_memory: Literal["auto", "yes", "no"] = field(
+    keep_freed_memory: KeepFreedMemory = field(
         default="auto",
         metadata={
             "help": "CPU runs (auto): glibc reuses freed tensors' memory, no page faults (docs/training.md)."

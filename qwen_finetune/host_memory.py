@@ -43,12 +43,11 @@ def glibc_available() -> bool:
     return platform.libc_ver()[0] == "glibc"
 
 
-def allocator_settings_in_environment() -> list[str]:
-    """The glibc malloc settings this process was started with (MALLOC_*_ variables, GLIBC_TUNABLES)."""
-    named = [name for name in ALLOCATOR_VARIABLES if name in os.environ]
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        named.append("GLIBC_TUNABLES")
-    return named
+def allocator_set_by_environment() -> bool:
+    """Whether this process was started with glibc malloc settings (MALLOC_*_ variables, GLIBC_TUNABLES)."""
+    return any(name in os.environ for name in ALLOCATOR_VARIABLES) or (
+        "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    )
 
 
 def keeps_freed_memory(choice: KeepFreedMemory, trains_on_cpu: bool) -> bool:
@@ -63,7 +62,7 @@ def keeps_freed_memory(choice: KeepFreedMemory, trains_on_cpu: bool) -> bool:
             "use --keep_freed_memory auto (which then leaves the allocator as it is) or no"
         )
     if choice == "auto":
-        return trains_on_cpu and glibc_available() and not allocator_settings_in_environment()
+        return trains_on_cpu and glibc_available() and not allocator_set_by_environment()
     return choice == "yes"
 
 
